@@ -1,0 +1,5 @@
+"""Fused linear logprobs / entropy / cross-entropy for LLM post-training, without full-vocab logits."""
+from .api import LogProbs, linear_cross_entropy, linear_logprobs
+
+__all__ = ["LogProbs", "linear_cross_entropy", "linear_logprobs"]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""The public functions: per-token logprobs/entropy and cross-entropy from hidden states and the
+output layer, without materializing ``[tokens, vocab]`` logits.
+
+Logits of token i over vocabulary entry j::
+
+    s_ij = hidden_i . weight_j + bias_j
+    s_ij = softcap * tanh(s_ij / softcap)          (if softcap)
+    z_ij = s_ij / temperature_i
+"""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import inputs
+from .backends import resolve_backend
+from .row_stats import RowStats, token_cross_entropy, token_logprobs
+
+
+class LogProbs(NamedTuple):
+    """``logprobs``: log p(target), float32 (float64 for float64 inputs), shaped like the (shifted)
+    targets, 0 at ignored positions. ``entropy``: same shape and dtype, or None."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+
+
+def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights=None):
+    inputs.check_head(hidden, weight, bias)
+    inputs.check_targets(targets, hidden, weight.shape[0], ignore_index)
+    inputs.check_temperature(temperature, targets)
+    inputs.check_positive_number("softcap", softcap, allow_none=True)
+    inputs.check_weights(weights, targets)
+    inputs.check_flag("shift", shift)
+    return inputs.token_rows(hidden, targets, temperature=temperature, weights=weights,
+                             ignore_index=int(ignore_index), shift=shift)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                    temperature: float | Tensor = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                    return_entropy: bool = False, shift: bool = False, backend: str = "auto",
+                    memory_budget: int | None = None) -> LogProbs:
+    """Log-probabilities of ``targets`` (and the softmax entropy) under ``softmax(z)``.
+
+    Args:
+        hidden: ``[..., D]`` float32, bfloat16 or float16 (float64 for verification).
+        weight: ``[V, D]``, hidden's dtype. bias: ``[V]`` or None.
+        targets: integer ``hidden.shape[:-1]``, values in ``[0, V)`` or ``ignore_index``.
+        temperature: float > 0, or a tensor broadcastable to ``targets.shape`` (per row; no grad).
+        softcap: None or float > 0 (``softcap * tanh(s / softcap)`` before temperature).
+        return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
+        shift: position t predicts target t+1 along the last dim; the last position is dropped.
+        backend: ``"auto"``, ``"torch"`` (chunked) or ``"reference"`` (materializes logits).
+        memory_budget: bytes of chunk work buffers for the chunked backend (default 128 MiB).
+
+    Backward accepts any upstream gradient on ``logprobs`` and ``entropy`` and returns gradients
+    for ``hidden``, ``weight`` and ``bias`` in their dtype.
+    """
+    inputs.check_flag("return_entropy", return_entropy)
+    rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
+    stats = RowStats.of(resolve_backend(backend).row_stats(
+        rows, weight, bias, softcap, entropy=return_entropy, mean=False, memory_budget=memory_budget))
+    entropy = rows.scatter(stats.entropy) if return_entropy else None
+    return LogProbs(rows.scatter(token_logprobs(stats)), entropy)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                         weights: Tensor | None = None, temperature: float | Tensor = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
+                         backend: str = "auto", memory_budget: int | None = None) -> Tensor:
+    """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
+
+        (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - mean_j z_j) + z_loss * lse**2
+
+    times ``weights`` (same shape as ``targets``, no grad) when given. ``reduction``: ``"none"``
+    (per token, 0 at ignored positions), ``"sum"``, or ``"mean"`` (sum over the number of
+    non-ignored tokens; 0 with zero gradients when every token is ignored). Other arguments as in
+    :func:`linear_logprobs`. Returns float32 (float64 for float64 inputs).
+
+    With ``"sum"``/``"mean"`` and gradients enabled, backends that support it form the gradients
+    during the forward pass (6NDV FLOPs instead of 8NDV) and keep ``d_hidden`` and ``d_weight``
+    until backward.
+    """
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if reduction not in inputs.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
+    rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights)
+    impl = resolve_backend(backend)
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+
+    if reduction != "none":
+        n = rows.targets.shape[0]
+        token_weight = rows.weights if rows.weights is not None else rows.targets.new_ones(
+            n, dtype=inputs.compute_dtype(hidden.dtype))
+        if reduction == "mean":
+            token_weight = token_weight / max(n, 1)
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))
+        if wants_grad and hasattr(impl, "summed_cross_entropy"):
+            return impl.summed_cross_entropy(rows, weight, bias, softcap, token_weight, label_smoothing, z_loss,
+                                             memory_budget=memory_budget)
+
+    stats = RowStats.of(impl.row_stats(rows, weight, bias, softcap, entropy=False, mean=label_smoothing > 0,
+                                       memory_budget=memory_budget))
+    loss = token_cross_entropy(stats, label_smoothing, z_loss)
+    if reduction == "none":
+        return rows.scatter(loss if rows.weights is None else loss * rows.weights)
+    return (loss * token_weight).sum()

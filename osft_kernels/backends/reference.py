@@ -1,0 +1,32 @@
+"""Reference backend: materializes the ``[n, V]`` logits in the compute dtype and lets autograd
+differentiate them. Ground truth for the chunked backends and fine for tiny inputs; memory O(n V)."""
+import torch
+from torch import Tensor
+
+from ..inputs import TokenRows, compute_dtype
+
+
+def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+              entropy: bool, mean: bool, memory_budget: int | None = None) -> Tensor:
+    """Differentiable ``[n, 4]`` statistics (see :mod:`osft_kernels.row_stats`); ``memory_budget`` is unused."""
+    dtype = compute_dtype(weight.dtype)
+    logits = torch.nn.functional.linear(rows.hidden.to(dtype), weight.to(dtype),
+                                        None if bias is None else bias.to(dtype))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    temperature = rows.temperature
+    logits = logits / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
+    lse = torch.logsumexp(logits, dim=-1)
+    zero = torch.zeros_like(lse)
+    return torch.stack([
+        lse,
+        logits.gather(1, rows.targets[:, None]).squeeze(1),
+        logits.mean(dim=-1) if mean else zero,
+        _entropy(logits) if entropy else zero,
+    ], dim=1)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """``-sum_j p_j log p_j``, in log space: ``lse - sum_j p_j z_j`` loses digits when logits are large."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

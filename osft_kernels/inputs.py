@@ -1,0 +1,196 @@
+"""Checks of the public arguments, and the flattening of a batch into the token rows that are computed.
+
+Ignored tokens (``target == ignore_index``) are dropped before any backend runs: no FLOPs are spent
+on them, their outputs are 0 and they receive no gradient.
+"""
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of logits, statistics and gradient accumulation: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _require_tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_head(hidden, weight, bias) -> None:
+    """``hidden [..., D]``, ``weight [V, D]`` and ``bias [V] | None``, one float dtype, one device."""
+    hidden = _require_tensor("hidden", hidden)
+    weight = _require_tensor("weight", weight)
+    if hidden.dtype not in INPUT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., D] with at least one dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        bias = _require_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> None:
+    """Integer ``targets`` shaped like ``hidden.shape[:-1]`` with values in ``[0, V)`` or ``ignore_index``."""
+    targets = _require_tensor("targets", targets)
+    if not _is_number(ignore_index) or int(ignore_index) != ignore_index:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor (e.g. torch.long), got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must be in [0, V) = [0, {vocab_size}) or equal ignore_index "
+                         f"({ignore_index}); found {int(targets[position])} at position {position}")
+
+
+def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        expected = "None or a finite number > 0" if allow_none else "a finite number > 0"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_temperature(temperature, targets: Tensor) -> None:
+    """A finite float > 0, or a tensor broadcastable to ``targets.shape`` with finite values > 0."""
+    if not isinstance(temperature, Tensor):
+        check_positive_number("temperature", temperature)
+        return
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+    if temperature.device != targets.device:
+        raise ValueError(f"temperature is on {temperature.device} but hidden is on {targets.device}")
+    try:
+        shape = torch.broadcast_shapes(temperature.shape, targets.shape)
+    except RuntimeError:
+        shape = None
+    if shape != targets.shape:
+        raise ValueError(f"temperature tensor must be broadcastable to targets.shape = {tuple(targets.shape)}, "
+                         f"got {tuple(temperature.shape)}")
+    if not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
+        raise ValueError("temperature tensor must contain only finite values > 0")
+
+
+def check_weights(weights, targets: Tensor) -> None:
+    """Per-token loss weights: a finite floating tensor with ``targets.shape``."""
+    if weights is None:
+        return
+    weights = _require_tensor("weights", weights)
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating point tensor, got {weights.dtype}")
+    if weights.shape != targets.shape:
+        raise ValueError(f"weights must have the shape of targets {tuple(targets.shape)}, got {tuple(weights.shape)}")
+    if weights.device != targets.device:
+        raise ValueError(f"weights is on {weights.device} but hidden is on {targets.device}")
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must be finite")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+@dataclass
+class TokenRows:
+    """The tokens of a batch that are not ignored, flattened to rows.
+
+    ``hidden [n, D]`` (a view or a gathered copy of the caller's tensor, still on the autograd
+    graph), ``targets [n]`` int64, ``temperature`` a float or a detached ``[n]`` tensor,
+    ``weights`` a detached ``[n]`` tensor or None; all tensors but ``hidden`` are in the compute dtype.
+    ``out_index [n]`` holds each row's position in the flattened output (None: rows are the output,
+    in order).
+    """
+
+    hidden: Tensor
+    targets: Tensor
+    temperature: float | Tensor
+    weights: Tensor | None
+    out_shape: torch.Size
+    out_index: Tensor | None
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-row ``[n]`` values to the output shape, 0 at ignored positions (differentiable)."""
+        if self.out_index is None:
+            return values.reshape(self.out_shape)
+        out = values.new_zeros(self.out_shape.numel()).index_copy(0, self.out_index, values)
+        return out.view(self.out_shape)
+
+
+def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_index: int,
+               shift: bool) -> TokenRows:
+    """Flatten a checked batch; with ``shift`` position t is paired with target t+1 (last position dropped).
+
+    Per-token tensors that describe the target (``weights``) shift with ``targets``; temperature
+    describes the logits and stays with the position that produces them.
+    """
+    dtype = compute_dtype(hidden.dtype)
+    positions = None
+    if isinstance(temperature, Tensor):
+        temperature = temperature.detach().to(dtype).expand(targets.shape)
+    if weights is not None:
+        weights = weights.detach().to(dtype)
+    if shift:
+        if targets.dim() == 0:
+            raise ValueError("shift=True needs targets with at least one dimension to shift along")
+        positions = torch.arange(targets.numel(), device=targets.device).view(targets.shape)[..., :-1]
+        targets = targets[..., 1:]
+        weights = None if weights is None else weights[..., 1:]
+        if isinstance(temperature, Tensor):
+            temperature = temperature[..., :-1]
+
+    flat_targets = targets.reshape(-1)
+    keep = flat_targets != ignore_index
+    hidden_rows = hidden.reshape(-1, hidden.shape[-1])
+    out_index = None
+    if shift or not bool(keep.all()):
+        out_index = keep.nonzero().squeeze(1)
+        source_rows = out_index if positions is None else positions.reshape(-1)[out_index]
+        hidden_rows = hidden_rows.index_select(0, source_rows)
+
+    def rows_of(values: Tensor) -> Tensor:
+        values = values.reshape(-1)
+        return values.contiguous() if out_index is None else values[out_index]
+
+    return TokenRows(
+        hidden=hidden_rows,
+        targets=rows_of(flat_targets).long(),
+        temperature=rows_of(temperature) if isinstance(temperature, Tensor) else float(temperature),
+        weights=None if weights is None else rows_of(weights),
+        out_shape=targets.shape,
+        out_index=out_index,
+    )

@@ -1,0 +1,65 @@
+"""Per-token statistics of the softmax over the vocabulary, and the token-level formulas built on them.
+
+Every backend reduces a row of logits ``z`` (``[V]``, already transformed by bias, softcap and
+temperature) to four numbers, stored as the columns of one ``[n, 4]`` tensor:
+
+    lse          = logsumexp_j z_j
+    target_logit = z_y
+    mean_logit   = sum_j z_j / V              (only when label smoothing needs it, else 0)
+    entropy      = lse - sum_j p_j z_j        (only when requested, else 0)
+
+Backends make this tensor differentiable; the losses below are plain PyTorch on it, so each
+formula exists exactly once and autograd turns upstream gradients on logprobs, entropy or loss
+into gradients on the four statistics.
+"""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+LSE, TARGET_LOGIT, MEAN_LOGIT, ENTROPY = range(4)
+NUM_STATS = 4
+
+
+class RowStats(NamedTuple):
+    """Views of the columns of a ``[n, 4]`` statistics tensor; each is ``[n]``."""
+
+    lse: Tensor
+    target_logit: Tensor
+    mean_logit: Tensor
+    entropy: Tensor
+
+    @classmethod
+    def of(cls, stats: Tensor) -> "RowStats":
+        return cls(*stats.unbind(1))
+
+
+def token_logprobs(stats: RowStats) -> Tensor:
+    """``log p(y) = z_y - lse``, ``[n]``."""
+    return stats.target_logit - stats.lse
+
+
+def token_cross_entropy(stats: RowStats, label_smoothing: float, z_loss: float) -> Tensor:
+    """``(1-eps) * (lse - z_y) + eps * (lse - mean_j z_j) + z_loss * lse**2``, ``[n]``, unweighted."""
+    loss = stats.lse - stats.target_logit
+    if label_smoothing:
+        smooth = stats.lse - stats.mean_logit
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if z_loss:
+        loss = loss + z_loss * stats.lse.square()
+    return loss
+
+
+def cross_entropy_stat_grads(stats: Tensor, token_weight: Tensor, label_smoothing: float,
+                             z_loss: float) -> tuple[Tensor, Tensor]:
+    """Gradient of ``sum_i token_weight_i * token_cross_entropy_i`` with respect to ``stats``.
+
+    Used by backends that form the logit gradient during the forward pass; it differentiates the
+    same formula as :func:`token_cross_entropy` instead of restating its derivative.
+    Returns ``(weighted loss sum [], d_stats [n, 4])``.
+    """
+    with torch.enable_grad():
+        leaf = stats.detach().requires_grad_(True)
+        loss = (token_cross_entropy(RowStats.of(leaf), label_smoothing, z_loss) * token_weight).sum()
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad

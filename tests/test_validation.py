@@ -1,0 +1,100 @@
+"""Every bad argument raises TypeError/ValueError naming the argument and what was expected."""
+import pytest
+import torch
+
+from osft_kernels import linear_cross_entropy, linear_logprobs
+
+H = torch.randn(2, 3, 8)
+W = torch.randn(11, 8)
+T = torch.randint(0, 11, (2, 3))
+
+
+def both(**overrides):
+    """Call both public functions with the good arguments, replaced by ``overrides``."""
+    args = {"hidden": H, "weight": W, "targets": T, **overrides}
+    positional = [args.pop(k) for k in ("hidden", "weight", "targets")]
+    return [lambda: linear_logprobs(*positional, **args), lambda: linear_cross_entropy(*positional, **args)]
+
+
+CASES = [
+    ({"hidden": H.numpy()}, TypeError, "hidden must be a torch.Tensor"),
+    ({"hidden": H.long()}, TypeError, "hidden must be float32, bfloat16, float16 or float64"),
+    ({"hidden": torch.tensor(1.0), "targets": torch.tensor(1)}, ValueError, "hidden must have shape"),
+    ({"weight": W[None]}, ValueError, r"weight must have shape \[V, D\]"),
+    ({"weight": torch.randn(11, 7)}, ValueError, r"weight must have shape \[V, D\] with D = hidden.shape\[-1\] = 8"),
+    ({"weight": torch.randn(0, 8)}, ValueError, "weight must have at least one row"),
+    ({"weight": W.double()}, TypeError, "weight must have the dtype of hidden"),
+    ({"bias": torch.randn(10)}, ValueError, r"bias must have shape \[V\] = \[11\]"),
+    ({"bias": torch.randn(11).double()}, TypeError, "bias must have the dtype of weight"),
+    ({"targets": T.float()}, TypeError, "targets must be an integer tensor"),
+    ({"targets": T.bool()}, TypeError, "targets must be an integer tensor"),
+    ({"targets": T[0]}, ValueError, r"targets must have shape hidden.shape\[:-1\] = \(2, 3\)"),
+    ({"targets": torch.where(T == T[1, 2], 11, T)}, ValueError, r"targets must be in \[0, V\) = \[0, 11\).*found 11"),
+    ({"targets": torch.full((2, 3), -1)}, ValueError, r"found -1 at position \(0, 0\)"),
+    ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": -1.0}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": float("nan")}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": "hot"}, ValueError, "temperature must be a finite number > 0"),
+    ({"temperature": torch.ones(3, 2)}, ValueError, r"temperature tensor must be broadcastable to targets.shape"),
+    ({"temperature": torch.ones(2, 1, dtype=torch.long)}, TypeError, "temperature tensor must be floating point"),
+    ({"temperature": torch.tensor([[1.0], [0.0]])}, ValueError, "temperature tensor must contain only finite values > 0"),
+    ({"temperature": torch.tensor([[1.0], [float("nan")]])}, ValueError, "finite values > 0"),
+    ({"softcap": 0.0}, ValueError, "softcap must be None or a finite number > 0"),
+    ({"softcap": -3.0}, ValueError, "softcap must be None or a finite number > 0"),
+    ({"shift": 1}, TypeError, "shift must be a bool"),
+    ({"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'reference', 'torch', 'triton'"),
+    ({"backend": "triton"}, ValueError, "backend 'triton' is not available"),
+    ({"memory_budget": 100}, ValueError, "memory_budget must be None or an int of at least"),
+    ({"memory_budget": 2.0**30}, ValueError, "memory_budget must be None or an int"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_arguments(overrides, error, message):
+    for call in both(**overrides):
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"label_smoothing": 1.0}, ValueError, r"label_smoothing must be a float in \[0, 1\)"),
+    ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must be a float in \[0, 1\)"),
+    ({"z_loss": -1e-4}, ValueError, "z_loss must be a finite float >= 0"),
+    ({"z_loss": float("inf")}, ValueError, "z_loss must be a finite float >= 0"),
+    ({"reduction": "avg"}, ValueError, r"reduction must be one of \('none', 'sum', 'mean'\)"),
+    ({"weights": torch.ones(2, 3, dtype=torch.long)}, TypeError, "weights must be a floating point tensor"),
+    ({"weights": torch.ones(3, 2)}, ValueError, r"weights must have the shape of targets \(2, 3\)"),
+    ({"weights": torch.tensor([[1.0, float("nan"), 1.0]] * 2)}, ValueError, "weights must be finite"),
+])
+def test_bad_cross_entropy_arguments(overrides, error, message):
+    with pytest.raises(error, match=message):
+        linear_cross_entropy(H, W, T, **overrides)
+
+
+def test_bad_return_entropy():
+    with pytest.raises(TypeError, match="return_entropy must be a bool"):
+        linear_logprobs(H, W, T, return_entropy="yes")
+
+
+def test_shift_needs_a_dimension():
+    with pytest.raises(ValueError, match="shift=True needs targets with at least one dimension"):
+        linear_logprobs(torch.randn(8), W, torch.tensor(3), shift=True)
+
+
+def test_ignore_index_inside_vocabulary_is_ignored():
+    """As in torch.nn.functional.cross_entropy, ignore_index may be a real class id (e.g. padding)."""
+    out = linear_logprobs(H, W, T, ignore_index=int(T[0, 0]))
+    assert out.logprobs[0, 0] == 0.0
+    assert (out.logprobs[T != T[0, 0]] < 0).all()
+
+
+def test_mixed_devices_are_rejected():
+    meta = torch.randn(11, 8, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        linear_logprobs(H, meta, T)
+    with pytest.raises(ValueError, match="targets is on meta but hidden is on cpu"):
+        linear_logprobs(H, W, T.to("meta"))
+    with pytest.raises(ValueError, match="weights is on meta but hidden is on cpu"):
+        linear_cross_entropy(H, W, T, weights=torch.ones(2, 3, device="meta"))
