@@ -1,0 +1,1 @@
+"""The training loop built on :mod:`osft_kernels`: OSFT, PEAR and GRPO recipes (in development)."""
