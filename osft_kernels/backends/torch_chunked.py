@@ -276,9 +276,17 @@ def _cast(grads, dtypes) -> tuple:
     return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
 
 
-def _buffers(entropy: bool, softcap: float | None) -> int:
-    """Chunk buffers alive at once: logits and exp/gradient, plus p when entropy meets softcap."""
-    return 3 if entropy and softcap is not None else 2
+def _setup(weight: Tensor, bias: Tensor | None, softcap: float | None, num_rows: int, *, entropy: bool,
+           memory_budget: int | None) -> tuple[_OutputLayer, ChunkPlan, _Workspace]:
+    """The output layer, the chunk plan for ``num_rows`` tokens and its work buffers.
+
+    Two buffers (logits, exp/gradient), plus one for p when an entropy gradient meets softcap.
+    """
+    layer = _OutputLayer(weight, bias, softcap)
+    dtype = layer.weight.dtype
+    plan = plan_chunks(num_rows, layer.vocab_size, buffers=3 if entropy and softcap is not None else 2,
+                       element_size=dtype.itemsize, memory_budget=memory_budget)
+    return layer, plan, _Workspace(plan, dtype, weight.device)
 
 
 class RowStatsFunction(torch.autograd.Function):
@@ -286,18 +294,14 @@ class RowStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows: TokenRows, softcap, entropy: bool, mean: bool, memory_budget):
-        layer = _OutputLayer(weight, bias, softcap)
         n = hidden.shape[0]
-        dtype = layer.weight.dtype
-        plan = plan_chunks(n, layer.vocab_size, buffers=_buffers(entropy, softcap),
-                           element_size=dtype.itemsize, memory_budget=memory_budget)
-        work = _Workspace(plan, dtype, hidden.device)
-        stats = hidden.new_empty(n, NUM_STATS, dtype=dtype)
+        layer, plan, work = _setup(weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget)
+        stats = hidden.new_empty(n, NUM_STATS, dtype=layer.weight.dtype)
         for r0, r1 in plan.row_ranges(n):
             chunk = _Chunk.of(rows, r0, r1)
             stats[r0:r1] = _chunk_stats(layer, chunk, plan, work, entropy=entropy, mean=mean,
                                         keep_logits=False)[:r1 - r0]
-        ctx.rows, ctx.softcap, ctx.plan, ctx.entropy, ctx.mean = rows, softcap, plan, entropy, mean
+        ctx.rows, ctx.softcap, ctx.entropy, ctx.mean, ctx.memory_budget = rows, softcap, entropy, mean, memory_budget
         ctx.save_for_backward(hidden, weight, bias, stats)
         return stats
 
@@ -305,14 +309,12 @@ class RowStatsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_stats):
         hidden, weight, bias, stats = ctx.saved_tensors
-        rows, plan = ctx.rows, ctx.plan
-        layer = _OutputLayer(weight, bias, ctx.softcap)
+        rows, n = ctx.rows, hidden.shape[0]
+        layer, plan, work = _setup(weight, bias, ctx.softcap, n, entropy=ctx.entropy, memory_budget=ctx.memory_budget)
         coef = grad_stats.to(layer.weight.dtype) / _per_row(rows.temperature)
         with_entropy = ctx.entropy and bool(coef[:, ENTROPY].any())
         with_mean = ctx.mean and bool(coef[:, MEAN_LOGIT].any())
-        n = hidden.shape[0]
         grads = _GradAccumulator(layer, n, ctx.needs_input_grad[:3])
-        work = _Workspace(plan, layer.weight.dtype, hidden.device)
         for r0, r1 in plan.row_ranges(n):
             chunk = _Chunk.of(rows, r0, r1)
             real = chunk.head(r1 - r0)
@@ -332,15 +334,11 @@ class SummedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows: TokenRows, softcap, token_weight: Tensor,
                 label_smoothing: float, z_loss: float, memory_budget):
-        layer = _OutputLayer(weight, bias, softcap)
         n = hidden.shape[0]
-        dtype = layer.weight.dtype
-        plan = plan_chunks(n, layer.vocab_size, buffers=_buffers(False, softcap),
-                           element_size=dtype.itemsize, memory_budget=memory_budget)
-        work = _Workspace(plan, dtype, hidden.device)
+        layer, plan, work = _setup(weight, bias, softcap, n, entropy=False, memory_budget=memory_budget)
         grads = _GradAccumulator(layer, n, ctx.needs_input_grad[:3])
         keep_logits = plan.vocab == layer.vocab_size
-        loss = hidden.new_zeros((), dtype=dtype)
+        loss = hidden.new_zeros((), dtype=layer.weight.dtype)
         for r0, r1 in plan.row_ranges(n):
             chunk = _Chunk.of(rows, r0, r1)
             real = chunk.head(r1 - r0)
