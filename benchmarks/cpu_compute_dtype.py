@@ -29,7 +29,7 @@ def main():
     print(f"\nlogits GEMM [{m} x {k}] @ [{k} x {n}]")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-        t = seconds(lambda: a @ b.T)
+        t = seconds(lambda a=a, b=b: a @ b.T)
         print(f"  {str(dtype):<16}{2 * m * k * n / t / 1e9:8.1f} GFLOP/s")
 
     n_tok, d, v = 256, 256, 8192

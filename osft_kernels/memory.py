@@ -6,11 +6,10 @@ simultaneously live storages. Tensors that existed before entering (inputs, para
 counted, so the figure is the extra memory of the code inside. Memory that a library allocates
 outside PyTorch (BLAS workspaces) is not seen.
 """
+import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-import torch
 
 MIB = 2**20
 
