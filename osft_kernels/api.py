@@ -82,11 +82,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     during the forward pass (6NDV FLOPs instead of 8NDV) and keep ``d_hidden`` and ``d_weight``
     until backward.
     """
-    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
-            or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) or not 0.0 <= z_loss < float("inf"):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    inputs.check_label_smoothing(label_smoothing)
+    inputs.check_z_loss(z_loss)
     if reduction not in inputs.REDUCTIONS:
         raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
     rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights)

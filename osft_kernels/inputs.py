@@ -85,6 +85,16 @@ def check_positive_number(name: str, value, *, allow_none: bool = False) -> None
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def check_label_smoothing(value) -> None:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {value!r}")
+
+
+def check_z_loss(value) -> None:
+    if not _is_number(value) or not 0.0 <= value < math.inf:
+        raise ValueError(f"z_loss must be a finite float >= 0, got {value!r}")
+
+
 def check_temperature(temperature, targets: Tensor) -> None:
     """A finite float > 0, or a tensor broadcastable to ``targets.shape`` with finite values > 0."""
     if not isinstance(temperature, Tensor):
