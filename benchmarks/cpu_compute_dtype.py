@@ -30,7 +30,7 @@ def main():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         t = seconds(lambda a=a, b=b: a @ b.T)
-        print(f"  {str(dtype):<16}{2 * m * k * n / t / 1e9:8.1f} GFLOP/s")
+        print(f"  {dtype!s:<16}{2 * m * k * n / t / 1e9:8.1f} GFLOP/s")
 
     n_tok, d, v = 256, 256, 8192
     gen = torch.Generator().manual_seed(0)

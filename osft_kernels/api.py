@@ -39,7 +39,8 @@ def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float | Tensor = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     return_entropy: bool = False, shift: bool = False, backend: str = "auto",
-                    memory_budget: int | None = None) -> LogProbs:
+                    memory_budget: int | None = None, filter_eps: float | str = "auto",
+                    deterministic: bool = False) -> LogProbs:
     """Log-probabilities of ``targets`` (and the softmax entropy) under ``softmax(z)``.
 
     Args:
@@ -50,16 +51,23 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
         softcap: None or float > 0 (``softcap * tanh(s / softcap)`` before temperature).
         return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
         shift: position t predicts target t+1 along the last dim; the last position is dropped.
-        backend: ``"auto"``, ``"torch"`` (chunked) or ``"reference"`` (materializes logits).
-        memory_budget: bytes of chunk work buffers for the chunked backend (default 128 MiB).
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, else
+            ``"torch"``), ``"triton"`` (fused kernels), ``"torch"`` (chunked) or ``"reference"``
+            (materializes logits).
+        memory_budget: bytes of chunk work buffers for the torch backend (default 128 MiB).
+        filter_eps: triton backward only: skip vocabulary tiles whose gradient mass is below
+            ``filter_eps`` of the row's (``"auto"``: ``finfo(hidden.dtype).eps / 32``; 0: exact).
+        deterministic: triton backward only: bitwise reproducible gradients (no float atomics;
+            a backward of 8NDV instead of 6NDV). The other backends are always deterministic.
 
     Backward accepts any upstream gradient on ``logprobs`` and ``entropy`` and returns gradients
     for ``hidden``, ``weight`` and ``bias`` in their dtype.
     """
     inputs.check_flag("return_entropy", return_entropy)
+    options = inputs.backend_options(memory_budget, filter_eps, deterministic)
     rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
-    stats = RowStats.of(resolve_backend(backend).row_stats(
-        rows, weight, bias, softcap, entropy=return_entropy, mean=False, memory_budget=memory_budget))
+    stats = RowStats.of(resolve_backend(backend, hidden.device).row_stats(
+        rows, weight, bias, softcap, entropy=return_entropy, mean=False, options=options))
     entropy = rows.scatter(stats.entropy) if return_entropy else None
     return LogProbs(rows.scatter(token_logprobs(stats)), entropy)
 
@@ -68,7 +76,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                          weights: Tensor | None = None, temperature: float | Tensor = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
-                         backend: str = "auto", memory_budget: int | None = None) -> Tensor:
+                         backend: str = "auto", memory_budget: int | None = None,
+                         filter_eps: float | str = "auto", deterministic: bool = False) -> Tensor:
     """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
 
         (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - mean_j z_j) + z_loss * lse**2
@@ -84,10 +93,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     """
     inputs.check_label_smoothing(label_smoothing)
     inputs.check_z_loss(z_loss)
+    options = inputs.backend_options(memory_budget, filter_eps, deterministic)
     if reduction not in inputs.REDUCTIONS:
         raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
     rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights)
-    impl = resolve_backend(backend)
+    impl = resolve_backend(backend, hidden.device)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
 
     if reduction != "none":
@@ -100,10 +110,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             t is not None and t.requires_grad for t in (hidden, weight, bias))
         if wants_grad and hasattr(impl, "summed_cross_entropy"):
             return impl.summed_cross_entropy(rows, weight, bias, softcap, token_weight, label_smoothing, z_loss,
-                                             memory_budget=memory_budget)
+                                             options=options)
 
     stats = RowStats.of(impl.row_stats(rows, weight, bias, softcap, entropy=False, mean=label_smoothing > 0,
-                                       memory_budget=memory_budget))
+                                       options=options))
     loss = token_cross_entropy(stats, label_smoothing, z_loss)
     if reduction == "none":
         return rows.scatter(loss if rows.weights is None else loss * rows.weights)

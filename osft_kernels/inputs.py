@@ -135,6 +135,26 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """Backend-specific keywords. ``memory_budget`` (bytes) sizes the torch backend's chunks;
+    ``filter_eps`` (``"auto"`` or a float >= 0) and ``deterministic`` steer the triton backward.
+    The reference and torch backends are exact and deterministic and ignore the last two."""
+
+    memory_budget: int | None = None
+    filter_eps: float | str = "auto"
+    deterministic: bool = False
+
+
+def backend_options(memory_budget, filter_eps, deterministic) -> BackendOptions:
+    if not (filter_eps == "auto" if isinstance(filter_eps, str) else
+            _is_number(filter_eps) and math.isfinite(filter_eps) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be 'auto' or a finite float >= 0 (0 disables filtering), "
+                         f"got {filter_eps!r}")
+    check_flag("deterministic", deterministic)
+    return BackendOptions(memory_budget, filter_eps, deterministic)
+
+
 @dataclass
 class TokenRows:
     """The tokens of a batch that are not ignored, flattened to rows.

@@ -1,15 +1,8 @@
-"""Forward and gradient parity of every backend against the float64 reference, over odd shapes,
-dtypes and feature combinations.
-
-Tolerances (elementwise ``|ours - ref| <= atol + rtol * |ref|``, with ``atol`` relative to the
-largest reference magnitude): outputs are float32 for every input dtype and are compared at
-``rtol = atol = 1e-5``; float32 gradients at ``rtol = 1e-4, atol = 1e-5 * max|ref|``; bfloat16
-gradients are rounded once from float32 accumulators, so they must be within 2**-8 relative
-(one bf16 ulp is 2**-7, round-to-nearest gives half of it) plus ``1e-4 * max|ref|``.
-"""
+"""Forward and gradient parity of the reference and torch backends against the float64 reference,
+over odd shapes, dtypes and feature combinations (tolerances in ``cases.py``)."""
 import pytest
 import torch
-from reference64 import reference
+from cases import FEATURES, check_cross_entropy, check_logprobs_and_entropy, make_case
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends.torch_chunked import ROW_ALIGN, VOCAB_BLOCK
@@ -17,19 +10,6 @@ from osft_kernels.backends.torch_chunked import ROW_ALIGN, VOCAB_BLOCK
 # (leading dims, D, V): no dimension is a multiple of a block size, V = 1 and V < block included
 SHAPES = [((37,), 16, 1), ((29,), 24, 7), ((3, 41), 33, 1000), ((2, 35), 20, 32003), ((1,), 9, 1000)]
 DTYPES = [torch.float32, torch.bfloat16]
-FEATURES = {
-    "plain": {},
-    "bias": {"bias": True},
-    "temperature": {"temperature": 0.7},
-    "row-temperature": {"temperature": "rows", "ignore": 0.3},
-    "softcap": {"softcap": 2.5, "bias": True, "temperature": "rows"},
-    "ignored": {"ignore": 0.4},
-    "all-ignored": {"ignore": 1.0},
-    "shift": {"shift": True, "ignore": 0.2, "temperature": "rows"},
-    "smoothing": {"label_smoothing": 0.1, "z_loss": 1e-3, "weights": True, "ignore": 0.2},
-    "everything": {"label_smoothing": 0.2, "z_loss": 1e-2, "weights": True, "softcap": 3.0, "bias": True,
-                   "temperature": "rows", "shift": True, "ignore": 0.2},
-}
 BACKENDS = ["reference", "torch", "torch-small-chunks"]
 
 
@@ -38,73 +18,10 @@ def small_budget(vocab_size: int) -> int:
     return 3 * 4 * ROW_ALIGN * min(vocab_size, VOCAB_BLOCK) * 2
 
 
-def make_case(lead, d, v, dtype, features, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    case = {
-        "hidden": rand(*lead, d).to(dtype).requires_grad_(),
-        "weight": (rand(v, d) * 2 / d ** 0.5).to(dtype).requires_grad_(),
-        "targets": torch.randint(0, v, lead, generator=gen),
-        "kwargs": {},
-    }
-    kw = case["kwargs"]
-    if features.get("bias"):
-        kw["bias"] = rand(v).to(dtype).requires_grad_()
-    if features.get("temperature") == "rows":
-        kw["temperature"] = torch.rand(*lead[:-1], 1, generator=gen) + 0.5 if len(lead) > 1 \
-            else torch.rand(lead, generator=gen) + 0.5
-    elif "temperature" in features:
-        kw["temperature"] = features["temperature"]
-    for name in ("softcap", "shift"):
-        if name in features:
-            kw[name] = features[name]
-    if "ignore" in features:
-        drop = torch.rand(lead, generator=gen) < features["ignore"]
-        case["targets"] = torch.where(drop, -100, case["targets"])
-    if features.get("weights"):
-        case["weights"] = torch.rand(lead, generator=gen) * 2
-    case["ce_kwargs"] = {k: features[k] for k in ("label_smoothing", "z_loss") if k in features}
-    case["upstream"] = (torch.randn(lead, generator=gen), torch.randn(lead, generator=gen))
-    return case
-
-
-def params(case):
-    return [case["hidden"], case["weight"]] + ([case["kwargs"]["bias"]] if "bias" in case["kwargs"] else [])
-
-
-def grads(output, case):
-    return torch.autograd.grad(output, params(case), allow_unused=True)
-
-
-def assert_close(actual, expected, *, rtol, atol_rel, what):
-    assert actual.shape == expected.shape, what
-    if expected.numel() == 0:
-        return
-    actual, expected = actual.double(), expected.double()
-    atol = atol_rel * max(expected.abs().max().item(), 1e-30)
-    err = (actual - expected).abs() - rtol * expected.abs()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert err.max().item() <= atol, f"{what}: max excess error {err.max().item():.3g} > atol {atol:.3g}"
-
-
-def assert_grads_close(actual, expected, dtype, what):
-    for name, a, e in zip(("hidden", "weight", "bias"), actual, expected):
-        assert a.dtype == dtype, f"{what}: d{name} dtype {a.dtype}"
-        if dtype == torch.bfloat16:
-            assert_close(a, e, rtol=2 ** -8, atol_rel=1e-4, what=f"{what} d{name}")
-        else:
-            assert_close(a, e, rtol=1e-4, atol_rel=1e-5, what=f"{what} d{name}")
-
-
 def backend_kwargs(backend, v):
     if backend == "torch-small-chunks":
         return {"backend": "torch", "memory_budget": small_budget(v)}
     return {"backend": backend}
-
-
-def out_shape(case):
-    shape = case["targets"].shape
-    return shape[:-1] + (shape[-1] - 1,) if case["kwargs"].get("shift") else shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,25 +29,7 @@ def out_shape(case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,v", SHAPES)
 def test_logprobs_and_entropy(lead, d, v, dtype, feature, backend):
-    case = make_case(lead, d, v, dtype, FEATURES[feature])
-    ref = reference(*[t.detach() for t in (case["hidden"], case["weight"])], case["targets"],
-                    bias=None if "bias" not in case["kwargs"] else case["kwargs"]["bias"].detach(),
-                    **{k: x for k, x in case["kwargs"].items() if k != "bias"})
-    out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True,
-                          **case["kwargs"], **backend_kwargs(backend, v))
-    assert out.logprobs.dtype == out.entropy.dtype == torch.float32
-    assert out.logprobs.shape == out_shape(case)
-    assert_close(out.logprobs, ref["logprobs"], rtol=1e-5, atol_rel=1e-5, what="logprobs")
-    assert_close(out.entropy, ref["entropy"], rtol=1e-5, atol_rel=1e-5, what="entropy")
-
-    up_lp, up_ent = (u[..., :-1] if case["kwargs"].get("shift") else u for u in case["upstream"])
-    ours = grads((out.logprobs * up_lp).sum() + (out.entropy * up_ent).sum(), case)
-    ref_params = [p.detach().double().requires_grad_() for p in params(case)]
-    ref = reference(ref_params[0], ref_params[1], case["targets"],
-                    bias=ref_params[2] if len(ref_params) > 2 else None,
-                    **{k: x for k, x in case["kwargs"].items() if k != "bias"})
-    expected = torch.autograd.grad((ref["logprobs"] * up_lp).sum() + (ref["entropy"] * up_ent).sum(), ref_params)
-    assert_grads_close(ours, expected, dtype, "logprobs+entropy")
+    check_logprobs_and_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), **backend_kwargs(backend, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -139,25 +38,7 @@ def test_logprobs_and_entropy(lead, d, v, dtype, feature, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,v", SHAPES)
 def test_cross_entropy(lead, d, v, dtype, feature, reduction, backend):
-    case = make_case(lead, d, v, dtype, FEATURES[feature])
-    loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], weights=case.get("weights"),
-                                reduction=reduction, **case["kwargs"], **case["ce_kwargs"],
-                                **backend_kwargs(backend, v))
-    ref_params = [p.detach().double().requires_grad_() for p in params(case)]
-    ref = reference(ref_params[0], ref_params[1], case["targets"], weights=case.get("weights"),
-                    bias=ref_params[2] if len(ref_params) > 2 else None, **case["ce_kwargs"],
-                    **{k: x for k, x in case["kwargs"].items() if k != "bias"})[reduction]
-    assert loss.dtype == torch.float32
-    assert loss.shape == (out_shape(case) if reduction == "none" else ())
-    assert_close(loss, ref, rtol=1e-5, atol_rel=1e-5, what=f"loss ({reduction})")
-
-    upstream = case["upstream"][0]
-    if case["kwargs"].get("shift"):
-        upstream = upstream[..., :-1]
-    weight_of = (lambda x: (x * upstream).sum()) if reduction == "none" else (lambda x: x * 0.75)
-    ours = grads(weight_of(loss), case)
-    expected = torch.autograd.grad(weight_of(ref), ref_params)
-    assert_grads_close(ours, expected, dtype, f"cross-entropy ({reduction})")
+    check_cross_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), reduction, **backend_kwargs(backend, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

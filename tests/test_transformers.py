@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from osft_kernels import linear_cross_entropy, linear_logprobs  # noqa: E402
+from osft_kernels import linear_cross_entropy, linear_logprobs
 
 VOCAB = 1000
 
@@ -73,7 +73,7 @@ def test_logprobs_match_model_logits_with_temperature(name):
 def test_readme_training_step_runs():
     """The README's example is executed as written."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert torch.isfinite(scope["loss"]) and scope["loss"].item() > 0

@@ -1,4 +1,7 @@
 """Every bad argument raises TypeError/ValueError naming the argument and what was expected."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -45,7 +48,11 @@ CASES = [
     ({"softcap": -3.0}, ValueError, "softcap must be None or a finite number > 0"),
     ({"shift": 1}, TypeError, "shift must be a bool"),
     ({"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'reference', 'torch', 'triton'"),
-    ({"backend": "triton"}, ValueError, "backend 'triton' is not available"),
+    ({"backend": "cuda"}, ValueError, "backend 'cuda' is not available"),
+    ({"filter_eps": -1.0}, ValueError, "filter_eps must be 'auto' or a finite float >= 0"),
+    ({"filter_eps": "exact"}, ValueError, "filter_eps must be 'auto' or a finite float >= 0"),
+    ({"filter_eps": float("nan")}, ValueError, "filter_eps must be 'auto' or a finite float >= 0"),
+    ({"deterministic": 1}, TypeError, "deterministic must be a bool"),
     ({"memory_budget": 100}, ValueError, "memory_budget must be None or an int of at least"),
     ({"memory_budget": 2.0**30}, ValueError, "memory_budget must be None or an int"),
 ]
@@ -98,3 +105,34 @@ def test_mixed_devices_are_rejected():
         linear_logprobs(H, W, T.to("meta"))
     with pytest.raises(ValueError, match="weights is on meta but hidden is on cpu"):
         linear_cross_entropy(H, W, T, weights=torch.ones(2, 3, device="meta"))
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for call in both(backend="triton"):
+        with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors, got cpu tensors"):
+            call()
+
+
+def test_triton_backend_without_triton_installed(monkeypatch):
+    monkeypatch.setattr("osft_kernels.backends.triton_installed", lambda: False)
+    for call in both(backend="triton"):
+        with pytest.raises(ValueError, match="backend 'triton' needs the triton package: pip install triton"):
+            call()
+
+
+def test_package_works_without_triton():
+    """Importing and using osft_kernels on CPU never imports triton, and works when it is absent."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, osft_kernels\n"
+        "h, w = torch.randn(4, 8, requires_grad=True), torch.randn(11, 8)\n"
+        "osft_kernels.linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 4])).backward()\n"
+        "try:\n"
+        "    osft_kernels.linear_logprobs(h, w, torch.tensor([1, 2, 3, 4]), backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backend 'triton' needs the triton package" in result.stdout

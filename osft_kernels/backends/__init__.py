@@ -1,29 +1,55 @@
 """Backends compute the row statistics of :mod:`osft_kernels.row_stats` for a batch of token rows.
 
-Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean,
-memory_budget)``; a backend that can form cross-entropy gradients during the forward pass also
-provides ``summed_cross_entropy``.
+Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, options)``;
+a backend that can form cross-entropy gradients during the forward pass also provides
+``summed_cross_entropy``. The triton backend is imported only when it is used, so ``osft_kernels``
+works without triton installed.
 """
+import importlib
+import importlib.util
+import os
 from types import ModuleType
+
+import torch
 
 from . import reference, torch_chunked
 
-BACKENDS = {"reference": reference, "torch": torch_chunked}
+BACKENDS = ("reference", "torch", "triton")
 PLANNED = {
-    "triton": "the Triton kernels are not part of this release",
     "cpu": "the C++ CPU extension is not part of this release",
     "cuda": "the CUDA extension is not part of this release",
 }
 
 
-def resolve_backend(name) -> ModuleType:
-    """The backend module for ``name``; ``"auto"`` picks the fastest one available (the chunked
-    torch backend on every device until the compiled backends exist)."""
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_backend(device: torch.device) -> ModuleType:
+    if not triton_installed():
+        raise ValueError("backend 'triton' needs the triton package: pip install triton "
+                         "(CUDA builds of torch on Linux include it)")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreting:
+        raise ValueError(f"backend 'triton' needs CUDA tensors, got {device} tensors "
+                         f"(set TRITON_INTERPRET=1 before importing osft_kernels to run it on CPU tensors)")
+    return importlib.import_module(".triton_fused", __name__)
+
+
+def resolve_backend(name, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` and tensors on ``device``.
+
+    ``"auto"``: the triton kernels for CUDA tensors when triton is installed, else the chunked
+    torch backend.
+    """
     if name == "auto":
+        return _triton_backend(device) if device.type == "cuda" and triton_installed() else torch_chunked
+    if name == "reference":
+        return reference
+    if name == "torch":
         return torch_chunked
-    if name in BACKENDS:
-        return BACKENDS[name]
+    if name == "triton":
+        return _triton_backend(device)
     if name in PLANNED:
-        raise ValueError(f"backend {name!r} is not available: {PLANNED[name]}; "
-                         f"use one of {['auto', *BACKENDS]}")
+        raise ValueError(f"backend {name!r} is not available: {PLANNED[name]}; use one of {['auto', *BACKENDS]}")
     raise ValueError(f"backend must be one of {['auto', *BACKENDS, *PLANNED]}, got {name!r}")

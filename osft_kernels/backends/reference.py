@@ -3,12 +3,12 @@ differentiate them. Ground truth for the chunked backends and fine for tiny inpu
 import torch
 from torch import Tensor
 
-from ..inputs import TokenRows, compute_dtype
+from ..inputs import BackendOptions, TokenRows, compute_dtype
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, memory_budget: int | None = None) -> Tensor:
-    """Differentiable ``[n, 4]`` statistics (see :mod:`osft_kernels.row_stats`); ``memory_budget`` is unused."""
+              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
+    """Differentiable ``[n, 4]`` statistics (see :mod:`osft_kernels.row_stats`); ``options`` are unused."""
     dtype = compute_dtype(weight.dtype)
     logits = torch.nn.functional.linear(rows.hidden.to(dtype), weight.to(dtype),
                                         None if bias is None else bias.to(dtype))

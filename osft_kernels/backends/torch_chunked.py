@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..inputs import TokenRows, compute_dtype
+from ..inputs import BackendOptions, TokenRows, compute_dtype
 from ..row_stats import ENTROPY, LSE, MEAN_LOGIT, NUM_STATS, TARGET_LOGIT, cross_entropy_stat_grads
 
 VOCAB_BLOCK = 2048
@@ -372,14 +372,14 @@ class SummedCrossEntropyFunction(torch.autograd.Function):
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
+              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
     """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
-    return RowStatsFunction.apply(rows.hidden, weight, bias, rows, softcap, entropy, mean, memory_budget)
+    return RowStatsFunction.apply(rows.hidden, weight, bias, rows, softcap, entropy, mean, options.memory_budget)
 
 
 def summed_cross_entropy(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                          token_weight: Tensor, label_smoothing: float, z_loss: float, *,
-                         memory_budget: int | None) -> Tensor:
+                         options: BackendOptions) -> Tensor:
     """Differentiable ``sum_i token_weight_i * cross_entropy_i``, gradients formed in forward."""
     return SummedCrossEntropyFunction.apply(rows.hidden, weight, bias, rows, softcap, token_weight,
-                                            label_smoothing, z_loss, memory_budget)
+                                            label_smoothing, z_loss, options.memory_budget)

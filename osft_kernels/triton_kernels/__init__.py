@@ -1,0 +1,5 @@
+"""Triton kernels for the row statistics and their gradients (see :mod:`osft_kernels.backends.triton_fused`).
+
+Importing this package imports ``triton``; :mod:`osft_kernels` itself only does so when the triton
+backend is used.
+"""

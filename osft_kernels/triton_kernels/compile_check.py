@@ -1,0 +1,139 @@
+"""Ahead-of-time compilation of every kernel and tile config for a GPU architecture, on any machine.
+
+``python -m osft_kernels.triton_kernels.compile_check [--arch 90 80] [--json]`` compiles each kernel
+(bfloat16 operands, every feature switched on: the largest variant) with each config of the
+architecture's autotuning list, and reports what the compiler produced: tensor-core instructions
+in the PTX (``wgmma`` on sm_90, ``mma`` on sm_80), shared memory, and registers and spills from
+``cuobjdump --dump-resource-usage`` on the cubin: ptxas places spilled registers in the stack frame,
+so ``STACK`` (plus ``LOCAL``) above zero means the config spills. No GPU is needed, but the kernels
+must not be interpreted: run it without ``TRITON_INTERPRET=1``.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import configs
+from .backward import FUSED, OWN_COLS, OWN_ROWS, logit_grad_kernel
+from .forward import merge_partials_kernel, row_partials_kernel
+
+SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes per block, H100 and A100
+TENSOR_CORE_INSTRUCTION = {90: "wgmma", 80: "mma.sync"}
+ALIGNED = 16  # pointers, D and the row strides are assumed 16-aligned, as Triton specializes them at run time
+
+_FEATURES = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True, "UPCAST": False,
+             "INPUT_PRECISION": "ieee"}
+_HEAD_ARGS = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
+              "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32"}
+_SIZES = {"N": "i32", "D": "i32", "V": "i32", "stride_hn": "i32", "stride_wv": "i32", "softcap": "fp32"}
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    arch: int
+    config: dict
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    tensor_core_instructions: int
+
+    def problems(self) -> list[str]:
+        """What makes this kernel unfit for its architecture (empty when it is fine)."""
+        found = []
+        if self.tensor_core_instructions == 0:
+            found.append(f"no {TENSOR_CORE_INSTRUCTION[self.arch]} instruction")
+        if self.shared_bytes > SHARED_MEMORY_LIMIT[self.arch]:
+            found.append(f"shared memory {self.shared_bytes} B > {SHARED_MEMORY_LIMIT[self.arch]} B")
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} B of stack/local memory per thread (register spills)")
+        return found
+
+
+def _variants(arch: int):
+    """(label, kernel, signature, constexprs, launch options) of every kernel/config pair to compile."""
+    partials = dict(_HEAD_ARGS, partials_ptr="*fp32", **_SIZES)
+    for config in configs.FORWARD_CONFIGS[arch]:
+        yield "row_partials", row_partials_kernel, partials, dict(_FEATURES, **config.kwargs), config
+    grads = dict(_HEAD_ARGS, coef_ptr="*fp32", d_hidden_ptr="*fp32", d_weight_ptr="*fp32", d_bias_ptr="*fp32",
+                 **_SIZES, filter_eps="fp32")
+    grad_flags = dict(_FEATURES, FILTER=True)
+    for config in configs.BACKWARD_CONFIGS[arch]:
+        yield "logit_grad[fused]", logit_grad_kernel, grads, dict(
+            grad_flags, MODE=FUSED, HIDDEN_GRAD=True, WEIGHT_GRAD=True, BIAS_GRAD=True, **config.kwargs), config
+    default = configs.DETERMINISTIC_BACKWARD_CONFIG[arch]
+    yield "logit_grad[own_rows]", logit_grad_kernel, grads, dict(
+        grad_flags, MODE=OWN_ROWS, HIDDEN_GRAD=True, WEIGHT_GRAD=False, BIAS_GRAD=False, **default.kwargs), default
+    yield "logit_grad[own_cols]", logit_grad_kernel, grads, dict(
+        grad_flags, MODE=OWN_COLS, HIDDEN_GRAD=False, WEIGHT_GRAD=True, BIAS_GRAD=True, **default.kwargs), default
+    merge = {"partials_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32", "V": "i32", "num_chunks": "i32"}
+    yield "merge_partials", merge_partials_kernel, merge, {"BLOCK": 128, "MEAN": True, "ENTROPY": True}, \
+        triton.Config({}, num_warps=4, num_stages=1)
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", text)}
+
+
+def compile_kernel(arch: int, label, kernel, signature, constexprs, config) -> Compiled:
+    full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    aligned = [i for i, name in enumerate(kernel.arg_names)
+               if name in full_signature and (full_signature[name].startswith("*")
+                                              or name in ("D", "stride_hn", "stride_wv"))]
+    source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", ALIGNED]] for i in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    usage = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    return Compiled(kernel=label, arch=arch, config=dict(config.kwargs), num_warps=config.num_warps,
+                    num_stages=config.num_stages, shared_bytes=compiled.metadata.shared,
+                    registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
+                    tensor_core_instructions=len(re.findall(rf"\b{TENSOR_CORE_INSTRUCTION[arch]}\b", ptx))
+                    if label != "merge_partials" else -1)
+
+
+def compile_all(arch: int) -> list[Compiled]:
+    if configs.INTERPRETING:
+        raise RuntimeError("compile_check needs compiled kernels: unset TRITON_INTERPRET")
+    return [compile_kernel(arch, *variant) for variant in _variants(arch)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_MEMORY_LIMIT), default=[90, 80])
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args()
+    results = [r for arch in args.arch for r in compile_all(arch)]
+    if args.json:
+        print(json.dumps([dict(asdict(r), problems=r.problems()) for r in results]))
+        return
+    print(f"triton {triton.__version__}, bfloat16 operands, all features on")
+    print(f"{'kernel':22} {'sm':>3} {'config':38} {'warps':>5} {'stages':>6} {'regs':>5} {'shared KiB':>10} "
+          f"{'spill B':>7} {'tc instr':>8}  problems")
+    for r in results:
+        tiles = "x".join(str(v) for v in r.config.values()) or "-"
+        print(f"{r.kernel:22} {r.arch:>3} {tiles:38} {r.num_warps:>5} {r.num_stages:>6} {r.registers:>5} "
+              f"{r.shared_bytes / 1024:>10.1f} {r.spill_bytes:>7} {r.tensor_core_instructions:>8}  "
+              f"{'; '.join(r.problems()) or 'ok'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "osft-kernels-triton-cache"))
+    main()

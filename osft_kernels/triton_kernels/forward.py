@@ -1,0 +1,106 @@
+"""Forward: the ``[n, 4]`` row statistics (lse, target logit, mean logit, entropy) in two kernels.
+
+``row_partials_kernel`` runs one program per (row tile, vocabulary chunk) pair. A chunk is
+``CHUNK_TILES`` consecutive ``BLOCK_V`` tiles; the program walks them in order with an online
+softmax and writes four partials per row and chunk: the running max ``m``, ``l = sum e^(z-m)``,
+``s = sum e^(z-m) (z-m)`` (entropy) and ``sum z`` (label smoothing); the program whose chunk holds
+a row's target writes the target logit. Splitting the vocabulary into chunks keeps the GPU full when
+there are few row tiles. ``merge_partials_kernel`` then folds the chunks of each row in chunk order.
+
+Chunk boundaries depend only on the kernel config (keyed on D and V), never on N, and every
+reduction runs in a fixed order, so a row's statistics do not depend on the other rows in the batch.
+Only ``O(n * V / chunk)`` values reach global memory.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import logits_tile
+
+NUM_PARTIALS = 4
+_PARTIALS = tl.constexpr(NUM_PARTIALS)
+_LARGE_NEGATIVE = tl.constexpr(-3.0e38)  # initial running max: finite, so that 0 * (m_old - m_new) stays 0
+
+
+@triton.jit(do_not_specialize=["N"])
+def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_ptr, stats_ptr, partials_ptr,
+                        N, D, V, stride_hn, stride_wv, softcap,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        CHUNK_TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        MEAN: tl.constexpr, ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr):
+    """partials: ``[num_chunks, 4, N]`` float32; stats: ``[N, 4]`` float32 (target column written here)."""
+    num_row_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    row_tile = pid % num_row_tiles
+    chunk = pid // num_row_tiles
+    rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    inv_temp = tl.load(inv_temp_ptr + rows, mask=row_mask, other=1.0)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), _LARGE_NEGATIVE, tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    z_sum = tl.zeros((BLOCK_N,), tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    first_tile = chunk * CHUNK_TILES
+    last_tile = tl.minimum(first_tile + CHUNK_TILES, tl.cdiv(V, BLOCK_V))
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, inv_temp, D,
+                        stride_hn, stride_wv, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP,
+                        UPCAST, INPUT_PRECISION)
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
+        if MEAN:
+            z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        shift = m - m_new
+        alpha = tl.exp(shift)
+        z_shifted = z - m_new[:, None]
+        e = tl.exp(z_shifted)
+        if ENTROPY:
+            s = alpha * (s + shift * l) + tl.sum(e * tl.where(col_mask[None, :], z_shifted, 0.0), 1)
+        l = alpha * l + tl.sum(e, 1)
+        m = m_new
+
+    out = partials_ptr + chunk.to(tl.int64) * _PARTIALS * N + rows
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + N, l, mask=row_mask)
+    tl.store(out + 2 * N, s, mask=row_mask)
+    tl.store(out + 3 * N, z_sum, mask=row_mask)
+    in_chunk = (target >= first_tile * BLOCK_V) & (target < last_tile * BLOCK_V)
+    tl.store(stats_ptr + rows.to(tl.int64) * 4 + 1, target_logit, mask=row_mask & in_chunk)
+
+
+@triton.jit(do_not_specialize=["N"])
+def merge_partials_kernel(partials_ptr, stats_ptr, N, V, num_chunks, BLOCK: tl.constexpr, MEAN: tl.constexpr,
+                          ENTROPY: tl.constexpr):
+    """Fold ``[num_chunks, 4, N]`` partials into stats columns lse, mean logit and entropy, in chunk order."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < N
+    m = tl.full((BLOCK,), _LARGE_NEGATIVE, tl.float32)
+    l = tl.zeros((BLOCK,), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    z_sum = tl.zeros((BLOCK,), tl.float32)
+    chunk_stride = N.to(tl.int64) * _PARTIALS
+    for chunk in range(num_chunks):
+        src = partials_ptr + chunk * chunk_stride + rows
+        m_c = tl.load(src, mask=row_mask, other=0.0)
+        l_c = tl.load(src + N, mask=row_mask, other=1.0)
+        s_c = tl.load(src + 2 * N, mask=row_mask, other=0.0)
+        m_new = tl.maximum(m, m_c)
+        shift, shift_c = m - m_new, m_c - m_new
+        alpha, alpha_c = tl.exp(shift), tl.exp(shift_c)
+        s = alpha * (s + shift * l) + alpha_c * (s_c + shift_c * l_c)
+        l = alpha * l + alpha_c * l_c
+        m = m_new
+        z_sum += tl.load(src + 3 * N, mask=row_mask, other=0.0)
+    out = stats_ptr + rows.to(tl.int64) * 4
+    log_l = tl.log(l)
+    tl.store(out, m + log_l, mask=row_mask)
+    if MEAN:
+        tl.store(out + 2, z_sum / V, mask=row_mask)
+    if ENTROPY:
+        tl.store(out + 3, log_l - s / l, mask=row_mask)
