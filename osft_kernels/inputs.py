@@ -23,7 +23,7 @@ def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _require_tensor(name: str, value) -> Tensor:
+def require_tensor(name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
@@ -31,8 +31,8 @@ def _require_tensor(name: str, value) -> Tensor:
 
 def check_head(hidden, weight, bias) -> None:
     """``hidden [..., D]``, ``weight [V, D]`` and ``bias [V] | None``, one float dtype, one device."""
-    hidden = _require_tensor("hidden", hidden)
-    weight = _require_tensor("weight", weight)
+    hidden = require_tensor("hidden", hidden)
+    weight = require_tensor("weight", weight)
     if hidden.dtype not in INPUT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
@@ -49,7 +49,7 @@ def check_head(hidden, weight, bias) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
-        bias = _require_tensor("bias", bias)
+        bias = require_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
@@ -60,7 +60,7 @@ def check_head(hidden, weight, bias) -> None:
 
 def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> None:
     """Integer ``targets`` shaped like ``hidden.shape[:-1]`` with values in ``[0, V)`` or ``ignore_index``."""
-    targets = _require_tensor("targets", targets)
+    targets = require_tensor("targets", targets)
     if not _is_number(ignore_index) or int(ignore_index) != ignore_index:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
@@ -119,7 +119,7 @@ def check_weights(weights, targets: Tensor) -> None:
     """Per-token loss weights: a finite floating tensor with ``targets.shape``."""
     if weights is None:
         return
-    weights = _require_tensor("weights", weights)
+    weights = require_tensor("weights", weights)
     if not weights.is_floating_point():
         raise TypeError(f"weights must be a floating point tensor, got {weights.dtype}")
     if weights.shape != targets.shape:

@@ -1,0 +1,98 @@
+"""How per-token losses ``L [..., T]`` become one scalar: the coefficients ``c`` of ``sum(c * L)``.
+
+Every aggregation used by SFT/OSFT, PEAR and the GRPO family is linear in the token losses, so it
+is expressed once, here, as per-token coefficients (detached, float32, 0 at masked tokens). The
+leading dimensions of ``mask`` index sequences and the last one their tokens:
+
+==========================  ============================================  ==========================
+``agg``                     loss                                          ``num_items`` replaces
+==========================  ============================================  ==========================
+``token-mean``              ``sum_{i,t} L m / sum_{i,t} m``               the token count
+``seq-mean-token-mean``     ``mean_i (sum_t L m / sum_t m)``              the sequence count
+``seq-mean-token-sum``      ``mean_i sum_t L m``                          the sequence count
+``seq-mean-token-sum-norm`` ``sum_{i,t} L m / (B * norm_length)``         ``B``
+``constant``                ``sum_{i,t} L m / norm_length``               (not allowed)
+==========================  ============================================  ==========================
+
+``mean_i`` runs over sequences with at least one token; ``B`` is the number of sequences,
+empty or not, and ``norm_length`` defaults to ``T`` (Dr. GRPO's constant normalizer). An empty
+batch gives all-zero coefficients: a zero loss with zero gradients, never a NaN.
+
+``num_items`` is the count over the whole accumulated batch (all micro-batches, all ranks), so that
+summing the losses of micro-batches gives the full batch's gradient (TRL's ``loss_type="dapo"``).
+"""
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "constant")
+
+
+def check_mask(mask, like: Tensor, name: str = "mask") -> Tensor:
+    """A bool (or 0/1) tensor with ``like``'s shape and device, returned as bool."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{name} is on {mask.device} but the per-token values are on {like.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must be a bool tensor or contain only 0 and 1")
+        mask = mask != 0
+    return mask
+
+
+def _positive_count(name: str, value, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def aggregation_weights(mask: Tensor, agg: str = "token-mean", *, num_items: float | None = None,
+                        norm_length: float | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Coefficients ``c`` (``mask.shape``, ``dtype``, detached) with ``aggregate(L) = sum(c * L)``.
+
+    Args:
+        mask: bool ``[..., T]`` (at least one dimension), True at tokens that carry loss.
+        agg: one of :data:`AGGREGATIONS` (table in the module docstring).
+        num_items: the global count the mean divides by, for gradient accumulation.
+        norm_length: the constant of ``seq-mean-token-sum-norm`` and ``constant`` (default ``T``).
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if mask.dim() < 1:
+        raise ValueError("mask must have at least one dimension (tokens)")
+    num_items = _positive_count("num_items", num_items)
+    norm_length = _positive_count("norm_length", norm_length)
+    if agg == "constant" and num_items is not None:
+        raise ValueError("num_items has no meaning for agg='constant'; scale norm_length instead")
+    m = mask.to(dtype)
+    length = float(mask.shape[-1]) if norm_length is None else norm_length
+    if agg == "token-mean":
+        return m / (num_items or max(float(m.sum()), 1.0))
+    if agg == "constant":
+        return m / length
+    if agg == "seq-mean-token-sum-norm":
+        return m / ((num_items or float(mask.shape[:-1].numel())) * length)
+    tokens = m.sum(-1, keepdim=True)
+    sequences = num_items or max(float((tokens > 0).sum()), 1.0)
+    if agg == "seq-mean-token-sum":
+        return m / sequences
+    return m / (tokens.clamp(min=1.0) * sequences)  # seq-mean-token-mean
+
+
+def aggregate(token_loss: Tensor, mask: Tensor, agg: str = "token-mean", *, num_items: float | None = None,
+              norm_length: float | None = None) -> Tensor:
+    """``sum(aggregation_weights(mask, ...) * token_loss)``: a scalar, differentiable in ``token_loss``.
+
+    Masked positions are excluded with ``where``, so a NaN or inf there cannot leak into the result.
+    """
+    dtype = torch.promote_types(token_loss.dtype, torch.float32)
+    weights = aggregation_weights(mask.to(token_loss.device), agg, num_items=num_items, norm_length=norm_length,
+                                  dtype=dtype)
+    return torch.where(mask, token_loss * weights, 0.0).sum()

@@ -1,0 +1,231 @@
+"""The GRPO family: group-normalized advantages, the clipped policy loss with its variants (DAPO
+clip-higher, dual clip, Dr. GRPO aggregation, KL to a reference, entropy bonus, truncated
+importance sampling), and a fused one-call version from hidden states.
+"""
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from ..api import linear_logprobs
+from .aggregation import aggregate, check_mask
+from .sft import target_mask
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to [-20, 20] before exp, as verl does
+
+
+def _check_number(name: str, value, *, low: float | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or (
+            low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def _check_like(name: str, value, like: Tensor) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of logprobs {tuple(like.shape)}, got {tuple(value.shape)}")
+    return value.to(like.device)
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """``A_i = (r_i - mean of i's group) / (std + eps)``, float32 ``[num_groups * group_size]``.
+
+    ``rewards``: 1-D, ``group_size`` consecutive completions per prompt. ``scale``: ``"group"``
+    (unbiased std of the group: GRPO), ``"batch"`` (unbiased std of all rewards: TRL's
+    ``scale_rewards="batch"``) or ``"none"`` (no division: Dr. GRPO). A group of one completion,
+    or one whose rewards are all equal, gets advantage 0.
+    """
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a 1-D floating point tensor, got "
+                        f"{type(rewards).__name__ if not isinstance(rewards, Tensor) else (rewards.dtype, tuple(rewards.shape))}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_size must be an int >= 1 dividing len(rewards) = {rewards.numel()}, got {group_size!r}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    _check_number("eps", eps, low=0.0)
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be finite (map failed or unparseable rewards to a number first)")
+
+    def unbiased_std(x: Tensor) -> Tensor:
+        centered = x - x.mean(-1, keepdim=True)
+        return (centered.square().sum(-1, keepdim=True) / max(x.shape[-1] - 1, 1)).sqrt()
+
+    groups = rewards.float().view(-1, group_size)
+    centered = groups - groups.mean(-1, keepdim=True)
+    if scale == "group":
+        centered = centered / (unbiased_std(groups) + eps)
+    elif scale == "batch":
+        centered = centered / (unbiased_std(groups.view(1, -1)) + eps)
+    return centered.view(-1)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from samples of ``pi``, with ``d = ref - logp``:
+    ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (``d`` clamped to [-20, 20])."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    d = d.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return torch.expm1(d) - d
+
+
+def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mask: Tensor, *, cap: float = 2.0,
+                                 level: str = "token") -> Tensor:
+    """Detached ``min(pi_trainer / pi_rollout, cap)``: the correction for a rollout engine whose
+    logprobs differ from the trainer's (``[..., T]``, float32, 0 outside ``mask``).
+
+    ``level="token"``: per token; ``"sequence"``: the ratio of whole sequences,
+    ``exp(sum_t (logp_trainer - logp_rollout))``, given to each of their tokens.
+    """
+    if not isinstance(logp_trainer, Tensor) or logp_trainer.dim() < 1:
+        raise TypeError("logp_trainer must be a torch.Tensor of shape [..., T]")
+    logp_rollout = _check_like("logp_rollout", logp_rollout, logp_trainer)
+    mask = check_mask(mask, logp_trainer)
+    _check_number("cap", cap, low=0.0)
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap!r}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    log_ratio = torch.where(mask, logp_trainer.detach().float() - logp_rollout.detach().float(), 0.0)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    return torch.where(mask, log_ratio.clamp(max=math.log(cap)).exp(), 0.0)
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                entropy: Tensor | None = None, entropy_coef: float = 0.0, agg: str = "token-mean",
+                num_items: float | None = None, norm_length: float | None = None,
+                is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped policy-gradient loss, per token then aggregated::
+
+        r       = exp(clamp(logp - old_logp, -20, 20))
+        L_pg    = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))
+                  with dual_clip c (A < 0 only): min(L_pg, -A c)
+        L       = is_weights * L_pg + kl_coef * kl_penalty(logp, ref_logp) - entropy_coef * entropy
+        loss    = aggregate(L, mask, agg, num_items, norm_length)
+
+    Args:
+        logprobs: ``[..., T]`` under the current policy (differentiable). old_logprobs: the same
+            under the policy that sampled (detached). advantages: ``[...]`` per sequence or ``[..., T]``.
+        mask: bool ``[..., T]``, True at completion tokens.
+        clip_low, clip_high: PPO clip range (DAPO's clip-higher: ``clip_high=0.28``).
+        dual_clip: None or c > 1 (e.g. 3.0): bound the loss of negative-advantage tokens by ``-A c``.
+        ref_logprobs, kl_coef, kl_estimator: KL penalty to a reference policy (``"k1"``, ``"k2"``,
+            ``"k3"``; default ``"k3"``, verl's ``low_var_kl`` and TRL's estimator: as a loss term,
+            ``k1``'s gradient is ``grad logp``, whose expectation under the policy is zero).
+        entropy, entropy_coef: per-token entropy ``[..., T]`` and the bonus coefficient.
+        agg, num_items, norm_length: see :mod:`osft_kernels.losses.aggregation` (``"token-mean"``
+            is DAPO's token-level loss; ``"seq-mean-token-mean"`` the GRPO paper's;
+            ``"seq-mean-token-sum-norm"`` Dr. GRPO's). ``num_items``: global count for gradient accumulation.
+        is_weights: detached per-token truncated importance weights (:func:`truncated_importance_weights`).
+
+    Returns ``(loss, metrics)``; metrics are detached masked means over the completion tokens:
+    ``clip_frac_low``/``clip_frac_high`` (tokens whose ratio is clipped below/above), ``approx_kl``
+    (``mean((r - 1) - log r)``, the k3 estimate of KL(old || new)), ``ratio_mean``, ``ratio_max``,
+    and ``dual_clip_frac``, ``kl``, ``entropy`` when those terms are in use.
+    """
+    if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
+        raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
+    old_logprobs = _check_like("old_logprobs", old_logprobs, logprobs).detach()
+    mask = check_mask(mask, logprobs)
+    if not isinstance(advantages, Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if advantages.shape == logprobs.shape[:-1]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages must have shape {tuple(logprobs.shape[:-1])} (per sequence) or "
+                         f"{tuple(logprobs.shape)} (per token), got {tuple(advantages.shape)}")
+    advantages = advantages.detach().to(logprobs.device, logprobs.dtype)
+    _check_number("clip_low", clip_low, low=0.0)
+    _check_number("clip_high", clip_high, low=0.0)
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
+    _check_number("dual_clip", dual_clip, allow_none=True)
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
+    _check_number("kl_coef", kl_coef, low=0.0)
+    _check_number("entropy_coef", entropy_coef)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if entropy_coef and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
+        if not bool(torch.isfinite(value.expand_as(logprobs)[mask]).all()):
+            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
+
+    # values at masked tokens never matter; zero them so no inf/NaN there can reach a gradient
+    logprobs = torch.where(mask, logprobs, 0.0)
+    old_logprobs = torch.where(mask, old_logprobs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    metrics = {}
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (token_loss > bound)
+        token_loss = torch.where(advantages < 0, torch.minimum(token_loss, bound), token_loss)
+        metrics["dual_clip_frac"] = dual
+    if is_weights is not None:
+        token_loss = token_loss * torch.where(mask, _check_like("is_weights", is_weights, logprobs).detach(), 0.0)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(mask, _check_like("ref_logprobs", ref_logprobs, logprobs).detach(), 0.0)
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        token_loss = token_loss + kl_coef * kl
+        metrics["kl"] = kl
+    if entropy is not None:
+        entropy = torch.where(mask, _check_like("entropy", entropy, logprobs), 0.0)
+        token_loss = token_loss - entropy_coef * entropy
+        metrics["entropy"] = entropy
+    loss = aggregate(token_loss, mask, agg, num_items=num_items, norm_length=norm_length)
+
+    with torch.no_grad():
+        metrics["clip_frac_low"] = (advantages < 0) & (ratio < 1 - clip_low)
+        metrics["clip_frac_high"] = (advantages > 0) & (ratio > 1 + clip_high)
+        metrics["approx_kl"] = torch.expm1(log_ratio) - log_ratio
+        metrics["ratio_mean"] = ratio
+        count = mask.sum().clamp(min=1)
+        summary = {name: torch.where(mask, value.detach().float(), 0.0).sum() / count
+                   for name, value in metrics.items()}
+        summary["ratio_max"] = torch.where(mask, ratio.detach().float(), 0.0).amax() if bool(mask.any()) \
+            else ratio.new_zeros((), dtype=torch.float32)
+    return loss, summary
+
+
+def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor, advantages: Tensor, *,
+              ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None, clip_low: float = 0.2,
+              clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+              entropy_coef: float = 0.0, agg: str = "token-mean", num_items: float | None = None,
+              norm_length: float | None = None, temperature: float | Tensor = 1.0, ignore_index: int = -100,
+              bias: Tensor | None = None, softcap: float | None = None, shift: bool = False, backend: str = "auto",
+              **kernel_options) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`policy_loss` of the completion tokens, straight from hidden states: one fused
+    :func:`osft_kernels.linear_logprobs` pass (with the entropy when ``entropy_coef != 0``).
+
+    The completion tokens are the non-ignored (shifted) ``targets``; ``old_logprobs``,
+    ``ref_logprobs`` and ``is_weights`` are shaped like them, ``advantages`` per sequence or per
+    token. Other arguments as in :func:`policy_loss` and :func:`osft_kernels.linear_logprobs`.
+    """
+    mask = target_mask(targets, ignore_index, shift)
+    out = linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, bias=bias,
+                          softcap=softcap, shift=shift, return_entropy=bool(entropy_coef), backend=backend,
+                          **kernel_options)
+    return policy_loss(out.logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                       dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                       entropy=out.entropy, entropy_coef=entropy_coef, agg=agg, num_items=num_items,
+                       norm_length=norm_length, is_weights=is_weights)

@@ -1,0 +1,575 @@
+"""osft_kernels.losses against float64 re-implementations written here from the documented formulas
+(loops over sequences and tokens, no code under test), and the properties the objectives promise.
+
+Tolerances: the functions on float64 inputs must match the loops to 1e-10 (same math, different
+order); fused paths on float32 inputs match the float64 reference to 1e-5 relative (losses) and
+1e-4 (gradients), as in the kernel parity tests.
+"""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from osft_kernels.losses import (
+    aggregate,
+    aggregation_weights,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    pear_loss,
+    pear_weights,
+    policy_loss,
+    sampling_temperature,
+    sft_loss,
+    truncated_importance_weights,
+)
+
+F64 = torch.float64
+
+
+def ragged_mask(rows=4, length=9, seed=0):
+    """Rows of different lengths, one with a left-padded prompt, one with a hole, one empty."""
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    mask[0, :length] = True
+    mask[1, 3:7] = True          # prompt before, padding after
+    mask[2, [0, 1, 4, 5, 6]] = True  # a hole in the middle
+    # row 3 stays empty
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+
+def aggregate_loop(loss, mask, agg, num_items=None, norm_length=None):
+    rows = [[float(loss[i, t]) for t in range(loss.shape[1]) if mask[i, t]] for i in range(loss.shape[0])]
+    nonempty = [r for r in rows if r]
+    length = norm_length or loss.shape[1]
+    if agg == "token-mean":
+        count = num_items or max(sum(len(r) for r in rows), 1)
+        return sum(sum(r) for r in rows) / count
+    if agg == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in nonempty) / (num_items or max(len(nonempty), 1))
+    if agg == "seq-mean-token-sum":
+        return sum(sum(r) for r in nonempty) / (num_items or max(len(nonempty), 1))
+    if agg == "seq-mean-token-sum-norm":
+        return sum(sum(r) for r in rows) / ((num_items or len(rows)) * length)
+    return sum(sum(r) for r in rows) / length  # constant
+
+
+@pytest.mark.parametrize("agg,num_items", [
+    (agg, num_items) for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                                 "constant")
+    for num_items in (None, 7.0) if not (agg == "constant" and num_items)])  # refused, tested below
+def test_aggregate_matches_loop(agg, num_items):
+    loss = torch.randn(4, 9, dtype=F64, generator=torch.Generator().manual_seed(1))
+    mask = ragged_mask()
+    loss[~mask] = float("nan")  # masked values must not matter
+    ours = aggregate(loss, mask, agg, num_items=num_items, norm_length=5.0 if agg == "constant" else None)
+    expected = aggregate_loop(loss, mask, agg, num_items, 5.0 if agg == "constant" else None)
+    assert abs(float(ours) - expected) <= 1e-12
+
+
+def test_aggregate_of_empty_batch_is_zero_with_zero_grad():
+    loss = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        out = aggregate(loss, mask, agg)
+        (grad,) = torch.autograd.grad(out, loss)
+        assert out.item() == 0.0 and not grad.any()
+
+
+def test_aggregation_arguments_are_checked():
+    mask = ragged_mask()
+    with pytest.raises(ValueError, match="agg must be one of"):
+        aggregation_weights(mask, "mean")
+    with pytest.raises(ValueError, match="num_items must be a finite number > 0"):
+        aggregation_weights(mask, "token-mean", num_items=0)
+    with pytest.raises(ValueError, match="num_items has no meaning for agg='constant'"):
+        aggregation_weights(mask, "constant", num_items=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT / OSFT
+
+def sft_reference(hidden, weight, targets, *, weights=None, temperature=1.0, ignore_index=-100, normalize="tokens",
+                  shift=False):
+    """Float64 loop over sequences: token NLL of log_softmax(h W^T / temperature), then the normalization."""
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    if shift:
+        h_rows, y, wt = h[..., :-1, :], targets[..., 1:], None if weights is None else weights[..., 1:]
+    else:
+        h_rows, y, wt = h, targets, weights
+    h_rows, y = h_rows.reshape(-1, y.shape[-1], h.shape[-1]), y.reshape(-1, y.shape[-1])
+    wt = None if wt is None else wt.reshape(y.shape).double()
+    seq_losses, total, count = [], 0.0, 0
+    for i in range(y.shape[0]):
+        terms = []
+        for t in range(y.shape[1]):
+            if int(y[i, t]) == ignore_index:
+                continue
+            logp = torch.log_softmax(h_rows[i, t] @ w.T / temperature, -1)[int(y[i, t])]
+            terms.append(-logp * (1.0 if wt is None else wt[i, t]))
+        if terms:
+            seq_losses.append(sum(terms) / len(terms))
+            total = total + sum(terms)
+            count += len(terms)
+    if normalize == "tokens":
+        loss = total / max(count, 1)
+    elif normalize == "sequences":
+        loss = sum(seq_losses) / max(len(seq_losses), 1) if seq_losses else h.sum() * 0
+    else:
+        loss = total / normalize
+    if not torch.is_tensor(loss):
+        loss = h.sum() * 0
+    return loss, torch.autograd.grad(loss, (h, w))
+
+
+def sft_case(seed=0, ignore_all=False):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 10, generator=gen).requires_grad_()
+    weight = (torch.randn(23, 10, generator=gen) * 0.5).requires_grad_()
+    targets = torch.randint(0, 23, (3, 7), generator=gen)
+    targets[0, :3] = -100
+    targets[2, 5:] = -100
+    if ignore_all:
+        targets[:] = -100
+    weights = torch.rand(3, 7, generator=gen) * 2
+    return hidden, weight, targets, weights
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("normalize", ["tokens", "sequences", 9.0])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_sft_loss_matches_reference(backend, normalize, shift, use_weights):
+    hidden, weight, targets, weights = sft_case()
+    kwargs = dict(weights=weights if use_weights else None, temperature=0.8, normalize=normalize, shift=shift)
+    loss = sft_loss(hidden, weight, targets, backend=backend, **kwargs)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_grads = sft_reference(hidden, weight, targets, **kwargs)
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
+def test_sft_loss_all_ignored_is_zero():
+    hidden, weight, targets, _ = sft_case(ignore_all=True)
+    for normalize in ("tokens", "sequences"):
+        loss = sft_loss(hidden, weight, targets, normalize=normalize)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.item() == 0.0 and not any(g.any() for g in grads)
+
+
+def test_sft_loss_micro_batches_with_num_items_sum_to_the_full_batch():
+    hidden, weight, targets, _ = sft_case(seed=3)
+    for normalize, count in (("tokens", int((targets != -100).sum())), ("sequences", 3)):
+        full = torch.autograd.grad(sft_loss(hidden, weight, targets, normalize=normalize), (hidden, weight))
+        parts = [torch.autograd.grad(sft_loss(hidden[s], weight, targets[s], normalize=normalize, num_items=count),
+                                     (hidden, weight)) for s in (slice(0, 1), slice(1, 3))]
+        for i in range(2):
+            torch.testing.assert_close(parts[0][i] + parts[1][i], full[i], rtol=1e-5, atol=1e-7)
+
+
+def test_sft_loss_arguments_are_checked():
+    hidden, weight, targets, _ = sft_case()
+    with pytest.raises(ValueError, match="normalize must be 'tokens', 'sequences' or a number > 0"):
+        sft_loss(hidden, weight, targets, normalize="batch")
+    with pytest.raises(ValueError, match="norm_length must be a finite number > 0"):
+        sft_loss(hidden, weight, targets, normalize=0.0)
+    with pytest.raises(ValueError, match="num_items applies to normalize='tokens' or 'sequences'"):
+        sft_loss(hidden, weight, targets, normalize=4.0, num_items=3)
+    with pytest.raises(ValueError, match="weights must have the shape of targets"):
+        sft_loss(hidden, weight, targets, weights=torch.ones(3, 6))
+
+
+def test_sampling_temperature_schedule():
+    assert sampling_temperature(0.0) == pytest.approx(0.6)
+    assert sampling_temperature(1.0) == pytest.approx(0.8)
+    assert sampling_temperature(2.0) == pytest.approx(1.0)
+    assert sampling_temperature(2.7) == pytest.approx(1.0)
+    assert sampling_temperature(0.5, start=0.9) == pytest.approx(0.925)
+    assert sampling_temperature(1.3, start=0.6, end=0.6) == pytest.approx(0.6)  # v1: constant
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        sampling_temperature(-1.0)
+    with pytest.raises(ValueError, match="anneal_epochs must be > 0"):
+        sampling_temperature(1.0, anneal_epochs=0)
+
+
+def osft_logit_gradient(z, tau_s, tau_t, samples, seed):
+    """Monte-Carlo mean of the OSFT gradient wrt the logits ``z [V]`` of a categorical model, computed
+    through ``sft_loss`` with hidden = 1 and weight = z (so the logits are exactly z)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.multinomial(torch.softmax(z / tau_s, -1), samples, replacement=True, generator=gen)
+    weight = z[:, None].clone().requires_grad_()
+    loss = sft_loss(torch.ones(samples, 1), weight, targets, temperature=tau_t)
+    (grad,) = torch.autograd.grad(loss, weight)
+    return grad[:, 0].double()
+
+
+def test_osft_expected_gradient_is_zero_when_temperatures_match():
+    """Per sample the logit gradient is (p - onehot(y)) / tau_t: each component has standard deviation
+    sqrt(p_j (1 - p_j)) / tau_t, so the mean over M samples lies within 5 of those over sqrt(M)
+    (a 6e-7 chance per component of failing for a correct implementation; the seed is fixed)."""
+    z = torch.tensor([2.0, 1.0, 0.3, -0.5, -2.0])
+    samples = 200_000
+    for tau in (1.0, 0.7):
+        grad = osft_logit_gradient(z, tau, tau, samples, seed=0)
+        p = torch.softmax(z.double() / tau, -1)
+        bound = 5 * (p * (1 - p)).sqrt() / tau / math.sqrt(samples)
+        assert (grad.abs() <= bound).all(), (grad, bound)
+        # and the same estimator does see a nonzero gradient when the temperatures differ
+        sharpening = osft_logit_gradient(z, 0.6 * tau, tau, samples, seed=0)
+        assert sharpening.abs().max() > 20 * bound.max()
+
+
+def test_osft_step_with_lower_sampling_temperature_sharpens():
+    """tau_s < tau_t: the expected gradient is (p_tau_t - p_tau_s) / tau_t; one descent step
+    increases the margin between the top logit and every other one."""
+    z = torch.tensor([2.0, 1.0, 0.3, -0.5, -2.0])
+    grad = osft_logit_gradient(z, 0.6, 1.0, 200_000, seed=1)
+    expected = (torch.softmax(z.double(), -1) - torch.softmax(z.double() / 0.6, -1))
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0.01)
+    stepped = z.double() - 1.0 * grad
+    margins_before, margins_after = z[0] - z[1:], stepped[0] - stepped[1:]
+    assert (margins_after > margins_before.double()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# PEAR
+
+def pear_loop(logp_current, logp_behavior, mask, level, block_size, gamma, ratio_clip, weight_clip):
+    out = torch.zeros_like(logp_current, dtype=F64)
+    for i in range(mask.shape[0]):
+        idx = [t for t in range(mask.shape[1]) if mask[i, t]]
+        d = [min(max(float(logp_current[i, t] - logp_behavior[i, t]), ratio_clip[0]), ratio_clip[1]) for t in idx]
+        T = len(idx)
+        for pos in range(1, T + 1):  # 1-based position in the response
+            if level == "sequence":
+                log_g = sum(d)
+            elif level == "token":
+                log_g = (T - pos) * math.log(gamma) + sum(d[pos:])
+            else:
+                j = (pos - 1) // block_size
+                end = min((j + 1) * block_size, T)
+                log_g = (T - end) * math.log(gamma) + sum(d[(j + 1) * block_size:])
+            out[i, idx[pos - 1]] = math.exp(min(max(log_g, weight_clip[0]), weight_clip[1]))
+    return out
+
+
+@pytest.mark.parametrize("level,block_size", [("token", 4), ("sequence", 4), ("block", 1), ("block", 2),
+                                              ("block", 3), ("block", 4)])
+@pytest.mark.parametrize("gamma,clips", [(0.9, ((-0.08, 0.3), (-10.0, 5.0))), (1.0, ((-0.08, 0.3), (-0.3, 0.2)))])
+def test_pear_weights_match_loop(level, block_size, gamma, clips):
+    gen = torch.Generator().manual_seed(2)
+    mask = ragged_mask()
+    current = torch.randn(4, 9, dtype=F64, generator=gen) * 0.2
+    behavior = torch.randn(4, 9, dtype=F64, generator=gen) * 0.2
+    # row 0: huge positive log-ratios at t = 1, 2 and huge negative ones at t = 5..8 hit the ratio
+    # clip at both ends; with the tight weight clip, token 0's suffix sum (0.6 - 0.32) and token 3's
+    # (-0.32) then hit the weight clip at both ends too
+    current[0, 1:3], behavior[0, 1:3] = 0.0, -50.0
+    current[0, 3:5] = behavior[0, 3:5]
+    current[0, 5:9], behavior[0, 5:9] = -50.0, 0.0
+    current[~mask] = float("nan")  # padding values must not matter
+    weights = pear_weights(current, behavior, mask, level=level, block_size=block_size, gamma=gamma,
+                           log_ratio_clip=clips[0], log_weight_clip=clips[1])
+    expected = pear_loop(current, behavior, mask, level, block_size, gamma, *clips)
+    assert weights.dtype == torch.float32 and not weights.requires_grad
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-7)
+    assert not weights[3].any()  # the empty row
+    if level == "token" and clips[1] == (-0.3, 0.2):
+        assert weights[0, 0].item() == pytest.approx(math.exp(0.2))
+        assert weights[0, 3].item() == pytest.approx(math.exp(-0.3))
+
+
+def test_pear_weights_arguments_are_checked():
+    lp, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        pear_weights(lp, torch.zeros(2, 4), mask)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        pear_weights(lp, lp, mask[:, :2])
+    with pytest.raises(ValueError, match="level must be one of"):
+        pear_weights(lp, lp, mask, level="episode")
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+        pear_weights(lp, lp, mask, level="block", block_size=0)
+    with pytest.raises(ValueError, match=r"gamma must be a number in \(0, 1\]"):
+        pear_weights(lp, lp, mask, gamma=1.5)
+    with pytest.raises(ValueError, match="log_ratio_clip must be a pair"):
+        pear_weights(lp, lp, mask, log_ratio_clip=(0.3, -0.08))
+    with pytest.raises(ValueError, match="must be finite at the masked"):
+        pear_weights(torch.full((2, 3), float("nan")), lp, mask)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_pear_loss_fused_matches_reference_backend_and_definition(shift):
+    hidden, weight, targets, _ = sft_case(seed=4)
+    out_len = targets.shape[1] - 1 if shift else targets.shape[1]
+    behavior = -torch.rand(3, out_len, generator=torch.Generator().manual_seed(5)) * 4
+    results = []
+    for backend in ("torch", "reference"):
+        loss = pear_loss(hidden, weight, targets, behavior, level="block", block_size=2, shift=shift,
+                         normalize="sequences", backend=backend)
+        results.append((loss, torch.autograd.grad(loss, (hidden, weight))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the definition: PEAR weights from the current logprobs, times the per-sequence token mean of the NLL
+    from osft_kernels import linear_logprobs
+    logprobs = linear_logprobs(hidden, weight, targets, shift=shift).logprobs.detach()
+    mask = (targets[:, 1:] if shift else targets) != -100
+    w = pear_weights(logprobs, behavior, mask, level="block", block_size=2)
+    expected = aggregate_loop(-(w * logprobs).double(), mask, "seq-mean-token-mean")
+    assert abs(results[0][0].item() - expected) <= 1e-5 * abs(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO family
+
+def advantages_loop(rewards, group_size, scale, eps=1e-6):
+    values = [float(r) for r in rewards]
+    groups = [values[i:i + group_size] for i in range(0, len(values), group_size)]
+
+    def std(xs):
+        mu = sum(xs) / len(xs)
+        return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+    out = []
+    for g in groups:
+        mu = sum(g) / len(g)
+        for r in g:
+            a = r - mu
+            if scale == "group":
+                a /= std(g) + eps
+            elif scale == "batch":
+                a /= std(values) + eps
+            out.append(a)
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_group_advantages_match_loop(scale, group_size):
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5])
+    ours = group_advantages(rewards, group_size, scale=scale)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), advantages_loop(rewards, group_size, scale), rtol=1e-6, atol=1e-6)
+    if group_size == 1:
+        assert not ours.any()
+
+
+def test_group_advantages_arguments_are_checked():
+    with pytest.raises(ValueError, match="group_size must be an int >= 1 dividing len"):
+        group_advantages(torch.ones(6), 4)
+    with pytest.raises(TypeError, match="rewards must be a 1-D floating point tensor"):
+        group_advantages(torch.ones(2, 3), 3)
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_advantages(torch.ones(4), 2, scale="global")
+
+
+def test_kl_estimators_match_formulas():
+    logp = torch.tensor([-1.0, -2.0, -0.1, -30.0], dtype=F64)
+    ref = torch.tensor([-1.5, -0.5, -0.1, -1.0], dtype=F64)  # the last d = 29 hits the [-20, 20] clamp
+    d = [float(r - lp) for lp, r in zip(logp, ref)]
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), torch.tensor([-x for x in d], dtype=F64))
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), torch.tensor([x * x / 2 for x in d], dtype=F64))
+    k3 = [math.exp(min(x, 20.0)) - min(x, 20.0) - 1 for x in d]
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.tensor(k3, dtype=F64))
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        kl_penalty(logp, ref, "k4")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_truncated_importance_weights_match_loop(level):
+    gen = torch.Generator().manual_seed(6)
+    mask = ragged_mask()
+    trainer = torch.randn(4, 9, dtype=F64, generator=gen) * 0.3
+    rollout = torch.randn(4, 9, dtype=F64, generator=gen) * 0.3
+    trainer[0, 2] = 5.0  # a ratio far above the cap
+    ours = truncated_importance_weights(trainer, rollout, mask, cap=1.5, level=level)
+    expected = torch.zeros(4, 9, dtype=F64)
+    for i in range(4):
+        seq = sum(float(trainer[i, t] - rollout[i, t]) for t in range(9) if mask[i, t])
+        for t in range(9):
+            if mask[i, t]:
+                log_ratio = seq if level == "sequence" else float(trainer[i, t] - rollout[i, t])
+                expected[i, t] = min(math.exp(log_ratio), 1.5)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-7)
+    assert (ours == 1.5).any() and not ours.requires_grad
+
+
+def policy_loop(logp, old, adv, mask, *, clip_low, clip_high, dual_clip, ref, kl_coef, estimator, entropy,
+                entropy_coef, is_weights):
+    """Per-token float64 loss from the policy_loss docstring's formulas, as a [B, T] tensor of scalars."""
+    token = torch.zeros_like(logp)
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            a = float(adv[i]) if adv.dim() == 1 else float(adv[i, t])
+            r = torch.exp((logp[i, t] - old[i, t]).clamp(-20, 20))
+            pg = torch.maximum(-a * r, -a * r.clamp(1 - clip_low, 1 + clip_high))
+            if dual_clip is not None and a < 0:
+                pg = torch.minimum(pg, torch.tensor(-a * dual_clip, dtype=F64))
+            if is_weights is not None:
+                pg = pg * is_weights[i, t]
+            if ref is not None:
+                d = ref[i, t] - logp[i, t]
+                kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d.clamp(-20, 20)) - d.clamp(-20, 20) - 1}[estimator]
+                pg = pg + kl_coef * kl
+            if entropy is not None:
+                pg = pg - entropy_coef * entropy[i, t]
+            token[i, t] = pg
+    return token
+
+
+POLICY_VARIANTS = {
+    "ppo": {},
+    "dapo-clip-higher": {"clip_high": 0.28},
+    "dual-clip": {"dual_clip": 3.0},
+    "kl-k1": {"kl_coef": 0.05, "kl_estimator": "k1"},
+    "kl-k2": {"kl_coef": 0.05, "kl_estimator": "k2"},
+    "kl-k3-entropy": {"kl_coef": 0.05, "kl_estimator": "k3", "entropy_coef": 0.01},
+    "is-weights": {"is_weights": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(POLICY_VARIANTS))
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("per_token_advantages", [False, True])
+def test_policy_loss_matches_loop(variant, agg, per_token_advantages):
+    gen = torch.Generator().manual_seed(7)
+    mask = ragged_mask()
+    logp = (-torch.rand(4, 9, dtype=F64, generator=gen) * 3).requires_grad_()
+    old = logp.detach() + torch.randn(4, 9, dtype=F64, generator=gen) * 0.4
+    old[0, 0] = logp[0, 0].detach() - 30.0  # log-ratio 30: hits the [-20, 20] clamp and the upper clip
+    old[1, 4] = logp[1, 4].detach() + 3.0   # ratio e^-3: below the lower clip
+    old[1, 5] = logp[1, 5].detach() - 2.0   # ratio e^2 with a negative advantage: beyond the dual clip
+    adv = torch.tensor([1.5, -2.0, 0.7, 1.0], dtype=F64)
+    if per_token_advantages:
+        adv = adv[:, None] * torch.linspace(0.5, 1.5, 9, dtype=F64)
+    options = dict(clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0)
+    options.update({k: v for k, v in POLICY_VARIANTS[variant].items() if k != "is_weights"})
+    ref = logp.detach() + torch.randn(4, 9, dtype=F64, generator=gen) * 0.5 if options["kl_coef"] else None
+    entropy = (torch.rand(4, 9, dtype=F64, generator=gen) * 2).requires_grad_() if options["entropy_coef"] else None
+    is_weights = torch.rand(4, 9, dtype=F64, generator=gen) * 2 if "is_weights" in POLICY_VARIANTS[variant] else None
+
+    loss, metrics = policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=entropy, agg=agg,
+                                is_weights=is_weights, **options)
+    token = policy_loop(logp, old, adv, mask, ref=ref, entropy=entropy, is_weights=is_weights,
+                        estimator=options.pop("kl_estimator"), **options)
+    expected = aggregate_loop(token.detach(), mask, agg)
+    assert abs(loss.item() - expected) <= 1e-10 * max(1.0, abs(expected))
+    # gradients: the loop's per-token losses aggregated with the loop's own coefficients
+    unit = torch.eye(36, dtype=F64).view(36, 4, 9)  # unit[k] is 1 at token k only
+    coef = torch.tensor([aggregate_loop(unit[k], mask, agg) for k in range(36)], dtype=F64).view(4, 9)
+    leaves = [x for x in (logp, entropy) if x is not None]
+    ours = torch.autograd.grad(loss, leaves)
+    theirs = torch.autograd.grad((token * coef).sum(), leaves)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # metrics
+    ratio = torch.exp((logp.detach() - old).clamp(-20, 20))
+    a = adv[:, None].expand(4, 9) if adv.dim() == 1 else adv
+    n = int(mask.sum())
+    high = 1 + POLICY_VARIANTS[variant].get("clip_high", 0.2)
+    assert metrics["clip_frac_high"].item() == pytest.approx(float(((a > 0) & (ratio > high) & mask).sum()) / n)
+    assert metrics["clip_frac_low"].item() == pytest.approx(float(((a < 0) & (ratio < 0.8) & mask).sum()) / n)
+    assert metrics["ratio_max"].item() == pytest.approx(ratio[mask].max().item(), rel=1e-6)
+    assert metrics["ratio_mean"].item() == pytest.approx(ratio[mask].mean().item(), rel=1e-6)
+    assert metrics["approx_kl"].item() == pytest.approx((ratio - 1 - ratio.log())[mask].mean().item(), rel=1e-6)
+    assert metrics["clip_frac_high"] > 0 and metrics["clip_frac_low"] > 0
+    if "dual_clip" in POLICY_VARIANTS[variant]:
+        clipped = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+        active = (a < 0) & (clipped > -a * 3.0) & mask
+        assert active.any()
+        assert metrics["dual_clip_frac"].item() == pytest.approx(float(active.sum()) / n)
+
+
+def test_policy_loss_arguments_are_checked():
+    logp, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.ones(2)
+    with pytest.raises(ValueError, match="old_logprobs must have the shape of logprobs"):
+        policy_loss(logp, torch.zeros(2, 4), adv, mask)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(2,\) \(per sequence\) or \(2, 3\)"):
+        policy_loss(logp, logp, torch.ones(3), mask)
+    with pytest.raises(ValueError, match="dual_clip must be None or > 1"):
+        policy_loss(logp, logp, adv, mask, dual_clip=0.5)
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logprobs"):
+        policy_loss(logp, logp, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="entropy_coef != 0 needs entropy"):
+        policy_loss(logp, logp, adv, mask, entropy_coef=0.1)
+    with pytest.raises(ValueError, match="advantages must be finite at the masked"):
+        policy_loss(logp, logp, torch.tensor([1.0, float("nan")]), mask)
+    with pytest.raises(ValueError, match="mask must be a bool tensor or contain only 0 and 1"):
+        policy_loss(logp, logp, adv, torch.full((2, 3), 2))
+
+
+def test_policy_loss_all_masked_row_and_batch():
+    logp = torch.randn(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        loss, metrics = policy_loss(logp, logp.detach(), torch.tensor([1.0, 2.0]), mask, agg=agg)
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+        loss, metrics = policy_loss(logp, logp.detach(), torch.tensor([1.0, 2.0]), torch.zeros_like(mask), agg=agg)
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss.item() == 0.0 and not grad.any() and all(v.item() == 0 for v in metrics.values())
+
+
+def grpo_case(seed=8):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 8, 12, generator=gen).requires_grad_()
+    weight = (torch.randn(31, 12, generator=gen) * 0.4).requires_grad_()
+    targets = torch.randint(0, 31, (4, 8), generator=gen)
+    targets[:, :3] = -100  # prompt
+    targets[1, 6:] = -100  # a shorter completion
+    old = -torch.rand(4, 7, generator=gen) * 4
+    ref = -torch.rand(4, 7, generator=gen) * 4
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    return hidden, weight, targets, old, ref, adv
+
+
+# these tensors are on the CPU, where the triton backend runs in the interpreter (conftest.py)
+FUSED_BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton")
+                              and os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_grpo_loss_fused_matches_reference_backend(agg, fused):
+    hidden, weight, targets, old, ref, adv = grpo_case()
+    kwargs = dict(ref_logprobs=ref, kl_coef=0.02, entropy_coef=0.01, clip_high=0.28, dual_clip=3.0, agg=agg,
+                  temperature=0.9, shift=True)
+    results = []
+    for backend in (fused, "reference"):
+        loss, metrics = grpo_loss(hidden, weight, targets, old, adv, backend=backend, **kwargs)
+        results.append((loss, metrics, torch.autograd.grad(loss, (hidden, weight))))
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], ref_metrics[name], rtol=1e-4, atol=1e-6)
+    assert set(metrics) >= {"clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "ratio_max", "entropy", "kl"}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"])
+def test_grpo_micro_batches_with_num_items_match_the_full_batch(agg):
+    hidden, weight, targets, old, _, adv = grpo_case(seed=9)
+    mask = targets[:, 1:] != -100
+    count = float(mask.sum()) if agg == "token-mean" else 4.0
+    full_loss, _ = grpo_loss(hidden, weight, targets, old, adv, agg=agg, shift=True)
+    full = torch.autograd.grad(full_loss, (hidden, weight))
+    summed = [torch.zeros_like(hidden), torch.zeros_like(weight)]
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        loss, _ = grpo_loss(hidden[rows], weight, targets[rows], old[rows], adv[rows], agg=agg, shift=True,
+                            num_items=count)
+        for acc, g in zip(summed, torch.autograd.grad(loss, (hidden, weight))):
+            acc += g
+    for a, b in zip(summed, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
