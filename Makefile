@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test bench
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,3 +17,12 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# kernel benchmarks (minutes on CPU): benchmarks/results/<device>.md, .png and .json
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet torch==2.13.0 -e ".[bench]"
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only -rs -p no:cacheprovider --benchmark-json=$(VENV)/benchmark.json
+	$(BIN)/python -m benchmarks.report $(VENV)/benchmark.json
