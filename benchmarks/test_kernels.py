@@ -22,9 +22,9 @@ import warnings
 
 import pytest
 import torch
-from benchmarks.implementations import FLOPS_PER_NDV, IMPLEMENTATIONS, OPS, unavailable
-
 from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.implementations import FLOPS_PER_NDV, IMPLEMENTATIONS, OPS, unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
