@@ -93,13 +93,13 @@ def write_markdown(info, groups, path: Path, plot_name: str) -> None:
              f"- device: {info['device_name']}; dtype {info['dtype'].removeprefix('torch.')}; "
              f"commit {info['commit']}; {info['datetime'][:19]}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-             f"- time: median of {some['rounds']} rounds after a warm-up call; one call is a whole forward "
+             f"- time: median of {some['rounds']} rounds after a warm-up call (the one whose memory is measured); one call is a whole forward "
              "(+ backward) over all tokens. TFLOP/s counts 6·N·D·V (2·N·D·V forward-only).",
              "- memory: peak allocated above the inputs during one call, the returned gradients included "
              "(`gradients` column: (N+V)·D elements in the input dtype); `working` = peak minus gradients."
              + (" Measured from the CPU allocator's events (`torch.profiler`, `profile_memory=True`)."
                 if info["device"] == "cpu" else " `torch.cuda.max_memory_allocated`."),
-             "- every implementation's outputs and gradients were checked against float64 on the first 1024 "
+             "- every implementation's outputs and gradients were checked against float64 on the first 256 "
              "tokens before it was timed."]
     if info["device"] == "cpu":
         lines.append("- **CPU run**: tokens and hidden size are scaled down from GPU shapes so the whole run "
