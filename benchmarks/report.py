@@ -75,11 +75,11 @@ def targets(groups) -> list[str]:
     lines = ["## Targets (cross-entropy fwd+bwd, N=8192, D=1024, V=32000, float32)", "",
              f"- peak memory above the inputs <= 1/20 of naive: {peak_ratio:.3f} ({1 / peak_ratio:.1f}x less), "
              f"{verdict(peak_ratio <= 0.05)}. The returned float32 gradients alone are "
-             f"{ours['gradients'] / MIB:.0f} MiB = {ours['gradients'] / naive['peak']:.3f} of naive's peak, so with "
-             f"gradients counted the target needs a working memory of "
-             f"{max(0.05 * naive['peak'] - ours['gradients'], 0) / MIB:.0f} MiB; ours is "
-             f"{(ours['peak'] - ours['gradients']) / MIB:.0f} MiB. Working memory alone (peak minus the gradients): "
-             f"{working_ratio:.3f} of naive's, {verdict(working_ratio <= 0.05)}.",
+             f"{ours['gradients'] / MIB:.0f} MiB = {ours['gradients'] / naive['peak']:.3f} of naive's peak"
+             + (", so no implementation that returns them can meet this target with them counted"
+                if ours["gradients"] > 0.05 * naive["peak"] else "")
+             + f". Working memory (peak minus the gradients): ours {(ours['peak'] - ours['gradients']) / MIB:.0f} "
+             f"MiB = {working_ratio:.3f} of naive's, {verdict(working_ratio <= 0.05)}.",
              f"- time <= 1.0x naive: {ours['time'] / naive['time']:.2f}x, {verdict(ours['time'] <= naive['time'])}."]
     if native:
         lines.append(f"- not slower than PyTorch's `linear_cross_entropy`: {ours['time'] / native['time']:.2f}x its "

@@ -1,0 +1,197 @@
+"""The run configuration: one dataclass tree, read from YAML plus dotted ``key.sub=value`` overrides.
+
+Unknown keys and values of the wrong type or outside their choices are refused with the full
+dotted name of the key; the resolved configuration is written into the run directory.
+"""
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run, with the dotted key that is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                       # a local transformers causal-LM directory (required)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    gradient_checkpointing: bool = False
+    backend: Literal["auto", "torch", "triton", "reference"] = "auto"  # the fused loss's backend
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                      # a .jsonl or .parquet file (required)
+    prompt_column: str = "prompt"        # text, or chat messages [{"role", "content"}]
+    answer_column: str = "answer"
+    response_column: str = "response"    # sft and pear: the response to train on
+    behavior_logprobs_column: str = "behavior_logprobs"  # pear
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf"] = "hf"
+    max_new_tokens: int = 256
+    top_p: float = 1.0
+    batch_size: int = 16                 # prompts per generate() call
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_tokens: int = 4096       # tokens per forward/backward; a step accumulates micro-batches
+
+
+@dataclass
+class OSFTConfig:
+    tau_s_start: float = 0.6             # sampling temperature at the start (0.9 for general models)
+    tau_s_end: float = 1.0
+    anneal_epochs: float = 2.0           # linear anneal length; tau_s_end = tau_s_start for a constant
+    tau_t: float = 1.0                   # training temperature
+
+
+@dataclass
+class SFTConfig:
+    normalize: Literal["tokens", "sequences"] = "tokens"
+
+
+@dataclass
+class Config:
+    recipe: Literal["sft", "osft"] = "osft"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    epochs: float = 1.0                  # passes over the training prompts
+    max_steps: int = 0                   # stop after this many optimizer steps (0: no limit)
+    prompts_per_step: int = 8
+    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    osft: OSFTConfig = field(default_factory=OSFTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+_POSITIVE = {"epochs", "prompts_per_step", "keep_last", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
+             "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
+             "anneal_epochs", "tau_t", "max_grad_norm"}
+_NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps"}
+
+
+def _convert(value, kind, key: str):
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(kind))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {kind.__name__} fields, got {value!r}")
+        return _build(kind, value, key + ".")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {kind}")  # a programming error in this module
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys of {prefix or 'the config'}: "
+                          f"{', '.join(sorted(hints))})")
+    values = {}
+    for name, kind in hints.items():
+        if name in data:
+            key = prefix + name
+            value = _convert(data[name], kind, key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if name in _POSITIVE and value <= 0:
+                    raise ConfigError(f"{key} must be > 0, got {value!r}")
+                if name in _NON_NEGATIVE and value < 0:
+                    raise ConfigError(f"{key} must be >= 0, got {value!r}")
+            values[name] = value
+    return cls(**values)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The configuration in YAML file ``path`` (or the defaults), with ``key.sub=value`` overrides
+    (values parsed as YAML: ``optim.lr=1e-5``, ``model.gradient_checkpointing=true``)."""
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    config = _build(Config, data)
+    if not config.model.path:
+        raise ConfigError("model.path is required: a local transformers model directory")
+    if not config.data.train:
+        raise ConfigError("data.train is required: a .jsonl or .parquet file")
+    if config.osft.tau_s_start > config.osft.tau_t:
+        raise ConfigError(f"osft.tau_s_start ({config.osft.tau_s_start}) above osft.tau_t ({config.osft.tau_t}) "
+                          "trains toward a flatter distribution; OSFT needs tau_s <= tau_t")
+    return config
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,0 +1,82 @@
+"""A local transformers causal LM, seen as a decoder producing hidden states plus an output head
+that the fused losses consume (so training never materializes full-vocabulary logits)."""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ModelConfig
+
+
+@dataclass
+class OutputHead:
+    """``logits = softcap(hidden @ weight.T + bias) / temperature_scale``, as the fused ops take it.
+
+    ``temperature_scale`` folds a model's constant logit scaling (Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``) into the loss temperature: pass ``tau * temperature_scale``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    softcap: float | None
+    temperature_scale: float
+
+
+@dataclass
+class CausalLM:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def head(self) -> OutputHead:
+        return output_head(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def output_head(model: PreTrainedModel) -> OutputHead:
+    """The output layer of ``model`` as the fused ops need it; refuses heads they cannot reproduce."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(f"the output layer is a {type(head).__name__}, not a plain nn.Linear (e.g. a PEFT adapter "
+                         f"on lm_head): the fused loss would silently ignore it; keep adapters off lm_head")
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:       # logits * logit_scale
+        scale = 1.0 / float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:    # logits / logits_scaling
+        scale = float(config.logits_scaling)
+    if softcap is not None and scale != 1.0:
+        raise ValueError("a model with both logit scaling and final-logit softcapping is not supported")
+    return OutputHead(head.weight, head.bias, float(softcap) if softcap else None, scale)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
+    """Load ``config.path`` (a local directory; nothing is downloaded)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(config.path, dtype=resolve_dtype(config.dtype, device),
+                                                     local_files_only=True)
+    except OSError as error:
+        raise ValueError(f"model.path {config.path!r} is not a loadable local transformers model directory: "
+                         f"{error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    output_head(model)  # refuse unsupported heads before any work
+    return CausalLM(model, tokenizer)

@@ -1,0 +1,38 @@
+"""``osft``: online SFT. Each step samples one response per prompt at ``tau_s`` (annealed by
+:func:`osft_kernels.losses.sampling_temperature`) and trains on it at ``tau_t``; no reward, no
+reference model."""
+from torch import Tensor
+
+from osft_kernels.losses import sampling_temperature
+
+from ..config import Config
+from ..data import Sequences, pack, tokenize_prompts
+from ..model import CausalLM
+from ..rollout import HFGenerateEngine
+from .sft import response_nll
+
+
+class OSFTRecipe:
+    columns = ("prompt_column",)
+
+    def __init__(self, config: Config, lm: CausalLM):
+        self.config, self.lm = config, lm
+        self.engine = HFGenerateEngine(lm, config.rollout)
+
+    def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
+        osft = self.config.osft
+        tau_s = sampling_temperature(epoch, start=osft.tau_s_start, end=osft.tau_s_end,
+                                     anneal_epochs=osft.anneal_epochs)
+        prompts = tokenize_prompts(rows, self.config.data, self.lm.tokenizer)
+        completions = self.engine.generate(prompts, temperature=tau_s)
+        batch = pack(prompts, [c.token_ids for c in completions], self.lm.tokenizer.pad_token_id)
+        lengths = [len(c.token_ids) for c in completions]
+        return batch, {"tau_s": tau_s, "completions/mean_length": sum(lengths) / len(lengths),
+                       "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
+
+    def num_items(self, batch: Sequences) -> float:
+        return float(batch.num_targets)
+
+    def loss(self, micro: Sequences, num_items: float) -> Tensor:
+        return response_nll(self.lm, micro, temperature=self.config.osft.tau_t, normalize="tokens",
+                            num_items=num_items, backend=self.config.model.backend)

@@ -1,0 +1,189 @@
+"""The training loop shared by the recipes: data order, gradient accumulation, optimizer and schedule,
+checkpoints with exact resume, and logging.
+
+A step takes ``prompts_per_step`` rows in a seeded per-epoch order, lets the recipe turn them into
+token sequences, splits those into micro-batches of at most ``optim.micro_batch_tokens`` padded
+tokens, and normalizes every micro-batch loss by the whole step's count (``num_items``), so the
+accumulated gradient does not depend on the micro-batching.
+"""
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import Config, ModelConfig, dump_config
+from .data import load_rows, micro_batches
+from .model import CausalLM, load_causal_lm
+from .recipes import RECIPES, make_recipe
+
+STATE_FILE = "trainer_state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DataOrder:
+    """Row indices in a fresh seeded permutation per epoch; ``position`` counts the rows consumed."""
+
+    num_rows: int
+    seed: int
+
+    def rows(self, position: int, count: int) -> list[int]:
+        out = []
+        for index in range(position, position + count):
+            epoch, offset = divmod(index, self.num_rows)
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append(int(order[offset]))
+        return out
+
+
+def lr_lambda(config: Config, total_steps: int):
+    warmup = config.optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.optim.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+class Checkpoints:
+    """``run_dir/checkpoints/step-NNNNNN``: safetensors weights and tokenizer (loadable with
+    ``from_pretrained``) plus optimizer, scheduler, RNG states, step and data position. Written to a
+    temporary directory and renamed, so a killed run never leaves a partial checkpoint; the last
+    ``keep_last`` are kept."""
+
+    def __init__(self, run_dir: Path, keep_last: int):
+        self.root = run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    def all(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, lm: CausalLM, optimizer, scheduler, step: int, position: int) -> Path:
+        final = self.root / f"step-{step:06d}"
+        temporary = self.root / f"step-{step:06d}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        lm.model.save_pretrained(temporary, safe_serialization=True)
+        lm.tokenizer.save_pretrained(temporary)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"step": step, "position": position, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng}, temporary / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+        for old in self.all()[:-self.keep_last]:
+            shutil.rmtree(old)
+        return final
+
+    @staticmethod
+    def restore(path: Path, optimizer, scheduler) -> tuple[int, int]:
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["position"]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def drop_logged_after(path: Path, step: int) -> None:
+    """Forget metrics of steps after ``step`` (logged by a run that was killed before its next checkpoint)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: Config, *, progress: bool = True) -> Path:
+    """Run ``config`` to its last step; returns the run directory."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = Checkpoints(run_dir, config.keep_last)
+    resume_from = checkpoints.latest() if config.resume == "auto" else None
+    seed_everything(config.seed)
+    model_config = config.model if resume_from is None else ModelConfig(**{**vars(config.model), "path": str(resume_from)})
+    lm = load_causal_lm(model_config, device)
+    recipe = make_recipe(config, lm)
+    rows = load_rows(config.data.train, [getattr(config.data, c) for c in RECIPES[config.recipe].columns])
+    order = DataOrder(len(rows), config.seed)
+    total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.prompts_per_step)
+    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  betas=(config.optim.beta1, config.optim.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    step, position = 0, 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        step, position = Checkpoints.restore(resume_from, optimizer, scheduler)
+        drop_logged_after(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    if step >= total_steps:
+        return run_dir
+
+    lm.model.train()
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+               TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar, open(metrics_path, "a") as log:
+        task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
+        while step < total_steps:
+            started = time.perf_counter()
+            batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
+            batch, metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
+            num_items = recipe.num_items(batch)
+            loss_sum = 0.0
+            for micro in micro_batches(batch, config.optim.micro_batch_tokens):
+                loss = recipe.loss(micro.to(device), num_items)
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), config.optim.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping before "
+                                         f"the update (last checkpoint: {checkpoints.latest()})")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position += config.prompts_per_step
+            seconds = time.perf_counter() - started
+            metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
+                       "lr": lr, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
+                       "peak_memory_gb": peak_memory_gb(device), **metrics}
+            if step % config.log_every == 0 or step == total_steps:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                checkpoints.save(lm, optimizer, scheduler, step, position)
+    return run_dir
