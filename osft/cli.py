@@ -1,24 +1,68 @@
-"""``osft train CONFIG.yaml [key.sub=value ...]`` (also ``python -m osft``)."""
+"""The ``osft`` command (also ``python -m osft``)::
+
+    osft train CONFIG.yaml [key.sub=value ...] [--no-progress]
+    osft score CONFIG.yaml --output FILE.parquet [--temperature T] [key.sub=value ...]
+    osft eval CONFIG.yaml [key.sub=value ...]      (model.path on eval.data; written to run_dir/eval.jsonl)
+"""
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
 
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"osft {command}")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    if command == "train":
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    elif command == "score":
+        parser.add_argument("--output", required=True, help="the .parquet file to write")
+        parser.add_argument("--temperature", type=float, default=1.0, help="the behavior policy's temperature")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT training with fused loss kernels")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train", help="run a recipe from a YAML config")
-    train_parser.add_argument("config", help="YAML config file")
-    train_parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
-    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT / PEAR / GRPO training on fused losses")
+    parser.add_argument("command", choices=["train", "eval", "score"],
+                        help="train: run config.recipe; eval: pass@k of model.path on eval.data; score: write "
+                             "per-token response logprobs of data.train under model.path (PEAR's behavior "
+                             "logprobs) into a parquet file")
+    known, rest = parser.parse_known_args(argv)
+    args = _command_parser(known.command).parse_intermixed_args(rest)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"osft: bad config: {error}", file=sys.stderr)
         return 2
+    if known.command == "eval":
+        return _evaluate(config)
+    if known.command == "score":
+        from .scoring import score_file
+        print(f"wrote {score_file(config, Path(args.output), temperature=args.temperature)}")
+        return 0
     from .train import train
-    run_dir = train(config, progress=not args.no_progress)
-    print(f"done: {run_dir}")
+    print(f"done: {train(config, progress=not args.no_progress)}")
+    return 0
+
+
+def _evaluate(config) -> int:
+    import json
+
+    import torch
+
+    from .evaluate import append_eval, evaluate, load_eval_rows
+    from .model import load_causal_lm
+    from .train import seed_everything
+
+    if not config.eval.data:
+        print("osft: bad config: eval.data is required for osft eval", file=sys.stderr)
+        return 2
+    seed_everything(config.seed)
+    lm = load_causal_lm(config.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    metrics = evaluate(lm, config, load_eval_rows(config))
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    append_eval(Path(config.run_dir) / "eval.jsonl", 0, metrics)
+    print(json.dumps(metrics, indent=1))
     return 0

@@ -71,8 +71,48 @@ class SFTConfig:
 
 
 @dataclass
+class EvalConfig:
+    data: str = ""                       # a held-out .jsonl/.parquet with prompt and answer ("": no evaluation)
+    every: int = 0                       # evaluate every N steps (0: only before training and at the end)
+    samples: int = 4                     # n completions per prompt; pass@k for k = 1, 2, 4, ... <= n
+    temperature: float = 1.0
+    max_prompts: int = 0                 # 0: all
+    reward: Literal["math", "exact_match"] = "math"
+
+
+@dataclass
+class PEARConfig:
+    level: Literal["token", "block", "sequence"] = "token"
+    block_size: int = 4
+    gamma: float = 0.999
+    log_ratio_clip_low: float = -0.08
+    log_ratio_clip_high: float = 0.3
+    log_weight_clip_low: float = -10.0
+    log_weight_clip_high: float = 5.0
+    normalize: Literal["tokens", "sequences"] = "tokens"
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 8             # completions per prompt (the group)
+    temperature: float = 1.0             # sampling and training temperature
+    reward: Literal["math", "exact_match"] = "math"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    clip_low: float = 0.2
+    clip_high: float = 0.2               # DAPO clip-higher: 0.28
+    dual_clip: float = 0.0               # 0: off; else c > 1 (e.g. 3.0)
+    kl_coef: float = 0.0                 # > 0 loads a frozen copy of the initial model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    num_iterations: int = 1              # optimizer steps per generated batch
+    is_cap: float = 0.0                  # truncated importance sampling cap vs the engine's logprobs (0: off)
+    is_level: Literal["token", "sequence"] = "token"
+
+
+@dataclass
 class Config:
-    recipe: Literal["sft", "osft"] = "osft"
+    recipe: Literal["sft", "osft", "pear", "grpo"] = "osft"
     run_dir: str = "runs/default"
     seed: int = 0
     epochs: float = 1.0                  # passes over the training prompts
@@ -88,12 +128,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     osft: OSFTConfig = field(default_factory=OSFTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    pear: PEARConfig = field(default_factory=PEARConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 _POSITIVE = {"epochs", "prompts_per_step", "keep_last", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
              "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
-             "anneal_epochs", "tau_t", "max_grad_norm"}
-_NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps"}
+             "anneal_epochs", "tau_t", "max_grad_norm", "num_generations", "temperature", "num_iterations",
+             "block_size", "gamma", "samples"}
+_NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
+                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts"}
 
 
 def _convert(value, kind, key: str):
@@ -187,6 +232,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError("model.path is required: a local transformers model directory")
     if not config.data.train:
         raise ConfigError("data.train is required: a .jsonl or .parquet file")
+    pear = config.pear
+    if pear.gamma > 1 or pear.log_ratio_clip_low > pear.log_ratio_clip_high or \
+            pear.log_weight_clip_low > pear.log_weight_clip_high:
+        raise ConfigError("pear needs gamma in (0, 1] and each clip's low <= high")
+    if config.grpo.clip_low >= 1:
+        raise ConfigError(f"grpo.clip_low must be below 1, got {config.grpo.clip_low}")
+    if config.grpo.dual_clip and config.grpo.dual_clip <= 1:
+        raise ConfigError(f"grpo.dual_clip must be 0 (off) or > 1, got {config.grpo.dual_clip}")
     if config.osft.tau_s_start > config.osft.tau_t:
         raise ConfigError(f"osft.tau_s_start ({config.osft.tau_s_start}) above osft.tau_t ({config.osft.tau_t}) "
                           "trains toward a flatter distribution; OSFT needs tau_s <= tau_t")

@@ -1,5 +1,5 @@
 """Training data from local files, the prompt formatting, and the tokenized batches the recipes train on."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,35 +43,69 @@ def prompt_text(prompt, tokenizer) -> str:
 class Sequences:
     """Prompt + response token ids, right-padded: ``input_ids [B, T]``, ``attention_mask [B, T]`` and
     ``labels [B, T]`` holding the response tokens and ``IGNORE`` elsewhere (labels[t] is the token at
-    t, so the loss uses ``shift=True``)."""
+    t, so the loss uses ``shift=True``).
+
+    ``token_values``: per-token float tensors ``[B, T]`` aligned with ``labels`` (e.g. sampling
+    logprobs of the response tokens); ``row_values``: per-sequence tensors ``[B]`` (e.g. advantages).
+    """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    token_values: dict[str, Tensor] = field(default_factory=dict)
+    row_values: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_targets(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences with at least one target."""
+        return int((self.labels[:, 1:] != IGNORE).any(1).sum())
+
+    def _map(self, rows=slice(None), width=None, device=None) -> "Sequences":
+        def tokens(x: Tensor) -> Tensor:
+            return x[rows, :width].to(device) if device else x[rows, :width]
+
+        def per_row(x: Tensor) -> Tensor:
+            return x[rows].to(device) if device else x[rows]
+
+        return Sequences(tokens(self.input_ids), tokens(self.attention_mask), tokens(self.labels),
+                         {k: tokens(v) for k, v in self.token_values.items()},
+                         {k: per_row(v) for k, v in self.row_values.items()})
+
     def select(self, rows: slice) -> "Sequences":
-        return Sequences(self.input_ids[rows], self.attention_mask[rows], self.labels[rows])
+        return self._map(rows=rows)
+
+    def truncate(self, width: int) -> "Sequences":
+        return self._map(width=width)
 
     def to(self, device) -> "Sequences":
-        return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return self._map(device=device)
+
+    def shifted(self, name: str) -> Tensor:
+        """A token value aligned with the shifted targets ``labels[:, 1:]``."""
+        return self.token_values[name][:, 1:]
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
-    """Right-padded sequences of ``prompt + response`` with labels on the response tokens."""
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+         response_values: dict[str, list[list[float]]] | None = None) -> Sequences:
+    """Right-padded sequences of ``prompt + response`` with labels on the response tokens;
+    ``response_values`` (one value per response token) become ``token_values`` at those positions."""
     length = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     labels = torch.full((len(prompts), length), IGNORE, dtype=torch.long)
+    values = {name: torch.zeros(len(prompts), length) for name in response_values or {}}
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         ids = prompt + response
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
         labels[i, len(prompt):len(ids)] = torch.tensor(response, dtype=torch.long)
-    return Sequences(input_ids, attention_mask, labels)
+        for name, per_response in (response_values or {}).items():
+            values[name][i, len(prompt):len(ids)] = torch.tensor(per_response[i], dtype=torch.float32)
+    return Sequences(input_ids, attention_mask, labels, values)
 
 
 def micro_batches(sequences: Sequences, token_budget: int) -> list[Sequences]:
@@ -83,9 +117,7 @@ def micro_batches(sequences: Sequences, token_budget: int) -> list[Sequences]:
         end = start + 1
         while end < len(lengths) and (end + 1 - start) * max(lengths[start:end + 1]) <= token_budget:
             end += 1
-        group = sequences.select(slice(start, end))
-        width = max(lengths[start:end])
-        groups.append(Sequences(group.input_ids[:, :width], group.attention_mask[:, :width], group.labels[:, :width]))
+        groups.append(sequences.select(slice(start, end)).truncate(max(lengths[start:end])))
         start = end
     return groups
 

@@ -1,10 +1,11 @@
 """The training loop shared by the recipes: data order, gradient accumulation, optimizer and schedule,
 checkpoints with exact resume, and logging.
 
-A step takes ``prompts_per_step`` rows in a seeded per-epoch order, lets the recipe turn them into
-token sequences, splits those into micro-batches of at most ``optim.micro_batch_tokens`` padded
-tokens, and normalizes every micro-batch loss by the whole step's count (``num_items``), so the
-accumulated gradient does not depend on the micro-batching.
+A batch takes ``prompts_per_step`` rows in a seeded per-epoch order and lets the recipe turn them
+into token sequences, which serve ``recipe.updates_per_batch`` optimizer steps (GRPO's
+``num_iterations``). A step splits the batch into micro-batches of at most
+``optim.micro_batch_tokens`` padded tokens and normalizes every micro-batch loss by the whole
+batch's count (``num_items``), so the accumulated gradient does not depend on the micro-batching.
 """
 import json
 import math
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .config import Config, ModelConfig, dump_config
 from .data import load_rows, micro_batches
+from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import CausalLM, load_causal_lm
 from .recipes import RECIPES, make_recipe
 
@@ -142,30 +144,42 @@ def train(config: Config, *, progress: bool = True) -> Path:
                                   betas=(config.optim.beta1, config.optim.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     step, position = 0, 0
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     if resume_from is not None:
         step, position = Checkpoints.restore(resume_from, optimizer, scheduler)
-        drop_logged_after(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        for path in (metrics_path, eval_path):
+            drop_logged_after(path, step)
+    else:
+        for path in (metrics_path, eval_path):
+            path.unlink(missing_ok=True)
     if step >= total_steps:
         return run_dir
+    eval_rows = load_eval_rows(config) if config.eval.data else None
+    if eval_rows and step == 0:
+        append_eval(eval_path, 0, evaluate(lm, config, eval_rows))
 
     lm.model.train()
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar, open(metrics_path, "a") as log:
         task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
+        updates_left, save_due = 0, False
         while step < total_steps:
             started = time.perf_counter()
-            batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
-            batch, metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
-            num_items = recipe.num_items(batch)
-            loss_sum = 0.0
+            if updates_left == 0:
+                batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
+                batch, batch_metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
+                position += config.prompts_per_step
+                updates_left = recipe.updates_per_batch
+                num_items = recipe.num_items(batch)
+            loss_sum, loss_metrics = 0.0, {}
             for micro in micro_batches(batch, config.optim.micro_batch_tokens):
-                loss = recipe.loss(micro.to(device), num_items)
+                loss, micro_metrics = recipe.loss(micro.to(device), num_items)
                 loss.backward()
                 loss_sum += loss.item()
+                share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
+                for name, value in micro_metrics.items():
+                    loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
             grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), config.optim.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping before "
@@ -175,15 +189,21 @@ def train(config: Config, *, progress: bool = True) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            position += config.prompts_per_step
+            updates_left -= 1
             seconds = time.perf_counter() - started
             metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
                        "lr": lr, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
-                       "peak_memory_gb": peak_memory_gb(device), **metrics}
+                       "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
             if step % config.log_every == 0 or step == total_steps:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
-            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+            if eval_rows and ((config.eval.every and step % config.eval.every == 0) or step == total_steps):
+                append_eval(eval_path, step, evaluate(lm, config, eval_rows))
+                lm.model.train()
+            save_due = save_due or bool(config.save_every and step % config.save_every == 0)
+            # checkpoints are taken between batches (a batch may serve several updates), and at the end
+            if (save_due and updates_left == 0) or step == total_steps:
                 checkpoints.save(lm, optimizer, scheduler, step, position)
+                save_due = False
     return run_dir

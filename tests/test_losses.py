@@ -573,3 +573,16 @@ def test_grpo_micro_batches_with_num_items_match_the_full_batch(agg):
             acc += g
     for a, b in zip(summed, full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_policy_loss_without_old_logprobs_is_on_policy():
+    """``old_logprobs=None`` (one update per batch) means old = current, detached: ratio 1, same gradient."""
+    gen = torch.Generator().manual_seed(11)
+    logp = (-torch.rand(3, 5, generator=gen) * 2).requires_grad_()
+    mask = torch.rand(3, 5, generator=gen) > 0.3
+    adv = torch.randn(3, generator=gen)
+    ours, metrics = policy_loss(logp, None, adv, mask, dual_clip=3.0)
+    expected, _ = policy_loss(logp, logp.detach(), adv, mask, dual_clip=3.0)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, logp)[0], torch.autograd.grad(expected, logp)[0])
+    assert metrics["ratio_mean"].item() == 1.0 and metrics["clip_frac_low"] == 0 and metrics["clip_frac_high"] == 0

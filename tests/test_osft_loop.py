@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from osft.data import micro_batches, pack
 from osft.model import load_causal_lm, output_head
 from osft.recipes import make_recipe
 from osft.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,9 @@ def final_weights(run_dir):
     ("optim.lr=fast", "optim.lr must be a finite number, got 'fast'"),
     ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
     ("optim.lr=0", "optim.lr must be > 0"),
-    ("recipe=dpo", r"recipe must be one of \['sft', 'osft'\]"),
+    ("recipe=dpo", r"recipe must be one of \['sft', 'osft', 'pear', 'grpo'\]"),
+    ("grpo.dual_clip=0.5", r"grpo.dual_clip must be 0 \(off\) or > 1"),
+    ("grpo.agg=mean", "grpo.agg must be one of"),
     ("max_steps=-1", "max_steps must be >= 0"),
     ("model.gradient_checkpointing=yes please", "model.gradient_checkpointing must be true or false"),
     ("osft.tau_s_start=1.5", "OSFT needs tau_s <= tau_t"),
@@ -131,7 +136,7 @@ def test_osft_loss_equals_the_reference_backend_on_a_batch(tmp_path, model_dir, 
         recipe = make_recipe(config, lm)
         torch.manual_seed(0)
         batch, _ = recipe.make_batch(arithmetic_rows()[:4], epoch=0.0)
-        loss = recipe.loss(batch, recipe.num_items(batch))
+        loss, _ = recipe.loss(batch, recipe.num_items(batch))
         grads = torch.autograd.grad(loss, [p for p in lm.model.parameters()])
         losses.append((loss, grads))
     torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-6)
@@ -149,7 +154,7 @@ def test_micro_batching_does_not_change_the_gradient(tmp_path, model_dir, data_f
         parts = micro_batches(batch, budget)
         assert (len(parts) == 1) == (budget == 10_000)
         for micro in parts:
-            recipe.loss(micro, recipe.num_items(batch)).backward()
+            recipe.loss(micro, recipe.num_items(batch))[0].backward()
         gradients.append([p.grad.clone() for p in lm.model.parameters()])
         lm.model.zero_grad()
     for a, b in zip(*gradients):
@@ -195,3 +200,164 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, model_dir, dat
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
     assert [m["step"] for m in read_metrics(tmp_path / "killed")] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO
+
+def test_grpo_runs_with_every_option(tmp_path, model_dir, data_file):
+    run_dir = tmp_path / "grpo"
+    config = load_config(None, [*base_overrides(model_dir, data_file, run_dir, "grpo"), "max_steps=4",
+                                "prompts_per_step=2", "grpo.num_generations=3", "grpo.reward=exact_match",
+                                "grpo.num_iterations=2", "grpo.kl_coef=0.05", "grpo.dual_clip=3.0",
+                                "grpo.clip_high=0.28", "grpo.is_cap=2.0", "grpo.entropy_coef=0.01",
+                                "grpo.agg=seq-mean-token-mean", "save_every=1"])
+    train(config, progress=False)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert all(math.isfinite(v) for v in m.values()), m
+        assert {"reward", "reward_std", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "completions/mean_length", "completions/clipped_ratio"} <= set(m)
+    # two updates per generated batch: the second one sees ratios away from 1 and a nonzero KL
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["kl"] > 0
+    # checkpoints only between batches
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+
+
+def test_grpo_advantages_and_clip_metrics_on_a_constructed_batch(tmp_path, model_dir, data_file):
+    from osft.rollout import Completion
+
+    config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.num_generations=2",
+                                "grpo.clip_low=0.1", "grpo.clip_high=0.1"])
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    recipe = make_recipe(config, lm)
+    tokens = lm.tokenizer("3 plus 4 is 7", add_special_tokens=False)["input_ids"]
+    recipe.engine.generate = lambda prompts, temperature, num_samples: [
+        Completion(tokens[:k] + [lm.tokenizer.eos_token_id], [-1.0] * (k + 1), False) for k in (2, 3, 4, 5)]
+    recipe.reward = lambda prompts, completions, answer: [1.0, 0.0, 1.0, 1.0]
+    batch, metrics = recipe.make_batch(arithmetic_rows()[:2], epoch=0.0)
+    # group (1, 0): mean 0.5, unbiased std 0.7071 -> +-0.7071; group (1, 1): 0
+    torch.testing.assert_close(batch.row_values["advantages"], torch.tensor([0.70710, -0.70710, 0.0, 0.0]),
+                               rtol=0, atol=1e-4)
+    assert metrics["reward"] == 0.75 and metrics["completions/mean_length"] == 4.5
+
+    # old logprobs that put ratios at e^0.3 (above 1 + 0.1) on row 0 and e^-0.3 on row 1
+    from osft.scoring import target_logprobs
+    current = target_logprobs(lm, batch, temperature=1.0)
+    shift = torch.tensor([-0.3, 0.3, 0.0, 0.0])[:, None]
+    batch.token_values["old_logprobs"] = torch.cat([torch.zeros(4, 1), current + shift], 1)
+    loss, loss_metrics = recipe.loss(batch, recipe.num_items(batch))
+    mask = batch.labels[:, 1:] != -100
+    row0, row1 = int(mask[0].sum()), int(mask[1].sum())
+    total = int(mask.sum())
+    # row 0: A > 0 and r = e^0.3 > 1.1 -> clipped high; row 1: A < 0 and r = e^-0.3 < 0.9 -> clipped low
+    assert loss_metrics["clip_ratio/high_mean"] == pytest.approx(row0 / total)
+    assert loss_metrics["clip_ratio/low_mean"] == pytest.approx(row1 / total)
+    # both rows are clipped, so the loss is the clipped objective: -A * (1 +- 0.1), token mean
+    expected = (-0.70711 * 1.1 * row0 + 0.70711 * 0.9 * row1) / total
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("12 plus 7 is 19, so the answer is \\boxed{19}.", "19", 1.0),
+    ("The answer is $\\frac{1}{2}$", "0.5", 1.0),
+    ("<answer>19</answer>", "19", 1.0),
+    ("\\boxed{20}", "19", 0.0),
+    ("I do not know", "19", 0.0),
+    ("\\boxed{19}", "\\frac{", None),
+])
+def test_math_reward_on_hand_labelled_completions(completion, gold, expected):
+    from osft.rewards import math_reward
+    assert math_reward(["q"], [completion], answer=[gold]) == [expected]
+
+
+def test_exact_match_reward():
+    from osft.rewards import exact_match_reward
+    completions = ["so the answer is 7.", "\\boxed{ Paris }", "<answer>8</answer>", "it is 7"]
+    assert exact_match_reward([""] * 4, completions, answer=["7", "paris", "7", "7"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# osft score and PEAR
+
+def test_score_round_trips_through_parquet_and_feeds_pear(tmp_path, model_dir, data_file):
+    import datasets
+
+    from osft.data import pack, tokenize_prompts, tokenize_responses
+    from osft.scoring import target_logprobs
+
+    output = tmp_path / "scored.parquet"
+    result = subprocess.run([sys.executable, "-m", "osft", "score", "/dev/null", "--output", str(output),
+                             *base_overrides(model_dir, data_file, tmp_path, "sft")], capture_output=True, text=True,
+                            check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = datasets.load_dataset("parquet", data_files=str(output), split="train").to_list()
+    rows = arithmetic_rows()
+    assert [r["prompt"] for r in scored] == [r["prompt"] for r in rows]
+    config = load_config(None, base_overrides(model_dir, data_file, tmp_path, "sft"))
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    batch = pack(tokenize_prompts(rows[:3], config.data, lm.tokenizer),
+                 tokenize_responses(rows[:3], config.data, lm.tokenizer), lm.tokenizer.pad_token_id)
+    direct = target_logprobs(lm, batch, temperature=1.0)
+    for i in range(3):
+        expected = direct[i][batch.labels[i, 1:] != -100]
+        assert len(scored[i]["behavior_logprobs"]) == len(expected)
+        torch.testing.assert_close(torch.tensor(scored[i]["behavior_logprobs"]), expected, rtol=1e-5, atol=1e-6)
+
+    # PEAR trains on the scored file; at step 1 the current policy is the behavior policy, so every
+    # clipped log-ratio is 0 and the token-level weights are gamma^(T - t)
+    run_dir = tmp_path / "pear"
+    pear = load_config(None, [*base_overrides(model_dir, output, run_dir, "pear"), "max_steps=2", "pear.level=block",
+                              "pear.block_size=2"])
+    train(pear, progress=False)
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(run_dir))
+
+
+def test_pear_refuses_behavior_logprobs_of_another_tokenization(tmp_path, model_dir):
+    rows = [{**r, "behavior_logprobs": [-1.0]} for r in arithmetic_rows(4)]
+    data = write_rows(tmp_path / "short.jsonl", rows)
+    config = load_config(None, [*base_overrides(model_dir, data, tmp_path / "run", "pear"), "max_steps=1"])
+    with pytest.raises(ValueError, match="behavior_logprobs has 1 values for a response of"):
+        train(config, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def pass_at_k_by_enumeration(n, correct, k):
+    """The share of the k-subsets of n samples (correct ones first) that contain a correct sample."""
+    from itertools import combinations
+    subsets = list(combinations(range(n), k))
+    return sum(any(i < correct for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,correct,k", [(4, 0, 1), (4, 1, 1), (4, 1, 2), (4, 3, 2), (8, 2, 4), (8, 8, 8), (5, 1, 5)])
+def test_pass_at_k_is_the_unbiased_estimator(n, correct, k):
+    from osft.evaluate import pass_at_k
+    assert pass_at_k(n, correct, k) == pytest.approx(pass_at_k_by_enumeration(n, correct, k))
+
+
+def test_evaluation_before_during_and_after_training(tmp_path, model_dir, data_file):
+    run_dir = tmp_path / "run"
+    config = load_config(None, [*base_overrides(model_dir, data_file, run_dir, "sft"), "max_steps=4",
+                                f"eval.data={data_file}", "eval.every=2", "eval.samples=4", "eval.max_prompts=3",
+                                "eval.reward=exact_match", "eval.temperature=0.7"])
+    train(config, progress=False)
+    lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 2, 4]
+    for line in lines:
+        assert {"eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/avg@4", "eval/mean_length"} <= set(line)
+        assert 0 <= line["eval/pass@1"] <= line["eval/pass@2"] <= line["eval/pass@4"] <= 1
+        assert line["eval/pass@1"] == pytest.approx(line["eval/avg@4"])  # no unjudged completions here
+    result = subprocess.run([sys.executable, "-m", "osft", "eval", "/dev/null",
+                             *base_overrides(model_dir, data_file, tmp_path / "eval-only", "sft"),
+                             f"eval.data={data_file}", "eval.max_prompts=2", "eval.samples=2"],
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0 and '"eval/pass@2"' in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["osft", "grpo", "sft", "pear"])
+def test_example_configs_are_valid(name):
+    config = load_config(ROOT / "examples" / f"{name}.yaml", ["model.path=/models/m", "data.train=/data/d.jsonl"])
+    assert config.recipe == name

@@ -13,6 +13,7 @@ from .sft import response_nll
 
 
 class OSFTRecipe:
+    updates_per_batch = 1
     columns = ("prompt_column",)
 
     def __init__(self, config: Config, lm: CausalLM):
@@ -33,6 +34,6 @@ class OSFTRecipe:
     def num_items(self, batch: Sequences) -> float:
         return float(batch.num_targets)
 
-    def loss(self, micro: Sequences, num_items: float) -> Tensor:
+    def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         return response_nll(self.lm, micro, temperature=self.config.osft.tau_t, normalize="tokens",
-                            num_items=num_items, backend=self.config.model.backend)
+                            num_items=num_items, backend=self.config.model.backend), {}

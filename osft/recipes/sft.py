@@ -20,6 +20,7 @@ def response_nll(lm: CausalLM, batch: Sequences, *, temperature: float, normaliz
 
 
 class SFTRecipe:
+    updates_per_batch = 1
     columns = ("prompt_column", "response_column")
 
     def __init__(self, config: Config, lm: CausalLM):
@@ -32,10 +33,8 @@ class SFTRecipe:
         return batch, {}
 
     def num_items(self, batch: Sequences) -> float:
-        if self.config.sft.normalize == "sequences":
-            return float((batch.labels[:, 1:] != -100).any(1).sum())
-        return float(batch.num_targets)
+        return float(batch.num_sequences if self.config.sft.normalize == "sequences" else batch.num_targets)
 
-    def loss(self, micro: Sequences, num_items: float) -> Tensor:
+    def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         return response_nll(self.lm, micro, temperature=1.0, normalize=self.config.sft.normalize,
-                            num_items=num_items, backend=self.config.model.backend)
+                            num_items=num_items, backend=self.config.model.backend), {}

@@ -103,7 +103,7 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
     return torch.where(mask, log_ratio.clamp(max=math.log(cap)).exp(), 0.0)
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                 entropy: Tensor | None = None, entropy_coef: float = 0.0, agg: str = "token-mean",
@@ -119,7 +119,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
 
     Args:
         logprobs: ``[..., T]`` under the current policy (differentiable). old_logprobs: the same
-            under the policy that sampled (detached). advantages: ``[...]`` per sequence or ``[..., T]``.
+            under the policy that sampled (detached), or None when that is the current policy (one
+            update per batch: the ratio is 1 and only its gradient matters). advantages: ``[...]``
+            per sequence or ``[..., T]``.
         mask: bool ``[..., T]``, True at completion tokens.
         clip_low, clip_high: PPO clip range (DAPO's clip-higher: ``clip_high=0.28``).
         dual_clip: None or c > 1 (e.g. 3.0): bound the loss of negative-advantage tokens by ``-A c``.
@@ -139,7 +141,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     """
     if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
         raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
-    old_logprobs = _check_like("old_logprobs", old_logprobs, logprobs).detach()
+    old_logprobs = logprobs.detach() if old_logprobs is None else \
+        _check_like("old_logprobs", old_logprobs, logprobs).detach()
     mask = check_mask(mask, logprobs)
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
@@ -207,7 +210,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     return loss, summary
 
 
-def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor, advantages: Tensor, *,
+def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor | None, advantages: Tensor, *,
               ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None, clip_low: float = 0.2,
               clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
               entropy_coef: float = 0.0, agg: str = "token-mean", num_items: float | None = None,

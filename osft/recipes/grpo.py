@@ -1,0 +1,93 @@
+"""``grpo``: ``num_generations`` completions per prompt, rewards, group-normalized advantages, and
+the clipped policy loss of :func:`osft_kernels.losses.grpo_loss` (clip-higher, dual clip, KL to the
+frozen initial model when ``kl_coef > 0``, truncated importance sampling against the rollout
+engine's logprobs when ``is_cap > 0``). Each batch serves ``num_iterations`` optimizer steps; with
+more than one, the old policy's logprobs are scored before the first."""
+import torch
+from torch import Tensor
+
+from osft_kernels.losses import group_advantages, grpo_loss, truncated_importance_weights
+
+from ..config import Config
+from ..data import Sequences, pack, prompt_text, tokenize_prompts
+from ..model import CausalLM, load_causal_lm
+from ..rewards import REWARDS
+from ..rollout import HFGenerateEngine
+from ..scoring import target_logprobs
+
+# policy_loss's metrics under the names TRL and verl users know
+METRIC_NAMES = {"clip_frac_low": "clip_ratio/low_mean", "clip_frac_high": "clip_ratio/high_mean",
+                "dual_clip_frac": "clip_ratio/dual_mean", "ratio_mean": "ratio/mean", "ratio_max": "ratio/max"}
+
+
+class GRPORecipe:
+    columns = ("prompt_column", "answer_column")
+
+    def __init__(self, config: Config, lm: CausalLM):
+        self.config, self.lm = config, lm
+        self.engine = HFGenerateEngine(lm, config.rollout)
+        self.updates_per_batch = config.grpo.num_iterations
+        self.reward = REWARDS[config.grpo.reward]
+        self.reference = None
+        if config.grpo.kl_coef > 0:  # the initial policy, also when resuming from a checkpoint
+            self.reference = load_causal_lm(config.model, lm.device)
+            self.reference.model.eval().requires_grad_(False)
+
+    def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
+        grpo, data, tokenizer = self.config.grpo, self.config.data, self.lm.tokenizer
+        group = grpo.num_generations
+        prompts = tokenize_prompts(rows, data, tokenizer)
+        completions = self.engine.generate(prompts, temperature=grpo.temperature, num_samples=group)
+        texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        repeated = [row for row in rows for _ in range(group)]
+        rewards = self.reward([prompt_text(r[data.prompt_column], tokenizer) for r in repeated], texts,
+                              answer=[r[data.answer_column] for r in repeated])
+        unjudged = sum(r is None for r in rewards)
+        reward_tensor = torch.tensor([0.0 if r is None else float(r) for r in rewards])
+        batch = pack([p for p in prompts for _ in range(group)], [c.token_ids for c in completions],
+                     tokenizer.pad_token_id, {"engine_logprobs": [c.logprobs for c in completions]})
+        batch.row_values["advantages"] = group_advantages(reward_tensor, group, scale=grpo.scale_rewards)
+        device = self.lm.device
+        if self.updates_per_batch > 1:
+            batch.token_values["old_logprobs"] = self._unshift(target_logprobs(
+                self.lm, batch.to(device), temperature=grpo.temperature, backend=self.config.model.backend))
+        if self.reference is not None:
+            batch.token_values["ref_logprobs"] = self._unshift(target_logprobs(
+                self.reference, batch.to(device), temperature=grpo.temperature, backend=self.config.model.backend))
+        lengths = [len(c.token_ids) for c in completions]
+        per_group = reward_tensor.view(-1, group)
+        return batch, {"reward": reward_tensor.mean().item(), "reward_std": per_group.std(1, correction=0).mean().item(),
+                       "rewards/unjudged_ratio": unjudged / len(rewards),
+                       "completions/mean_length": sum(lengths) / len(lengths),
+                       "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
+
+    @staticmethod
+    def _unshift(values: Tensor) -> Tensor:
+        """``[B, T - 1]`` values of the shifted targets back to ``[B, T]`` token positions."""
+        return torch.cat([values.new_zeros(values.shape[0], 1), values], 1).cpu()
+
+    def num_items(self, batch: Sequences) -> float:
+        agg = self.config.grpo.agg
+        if agg == "token-mean":
+            return float(batch.num_targets)
+        return float(batch.num_sequences if agg != "seq-mean-token-sum-norm" else batch.labels.shape[0])
+
+    def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
+        grpo, head = self.config.grpo, self.lm.head()
+        hidden = self.lm.hidden_states(micro.input_ids, micro.attention_mask)
+        mask = micro.labels[:, 1:] != -100
+        old = micro.shifted("old_logprobs") if "old_logprobs" in micro.token_values else None
+        ref = micro.shifted("ref_logprobs") if "ref_logprobs" in micro.token_values else None
+        is_weights = None
+        if grpo.is_cap > 0:
+            trainer = old if old is not None else target_logprobs(self.lm, micro, temperature=grpo.temperature,
+                                                                  backend=self.config.model.backend)
+            is_weights = truncated_importance_weights(trainer, micro.shifted("engine_logprobs"), mask,
+                                                      cap=grpo.is_cap, level=grpo.is_level)
+        loss, metrics = grpo_loss(hidden, head.weight, micro.labels, old, micro.row_values["advantages"], shift=True,
+                         bias=head.bias, softcap=head.softcap, temperature=grpo.temperature * head.temperature_scale,
+                         ref_logprobs=ref, is_weights=is_weights, clip_low=grpo.clip_low, clip_high=grpo.clip_high,
+                         dual_clip=grpo.dual_clip or None, kl_coef=grpo.kl_coef, kl_estimator=grpo.kl_estimator,
+                         entropy_coef=grpo.entropy_coef, agg=grpo.agg, num_items=num_items,
+                         norm_length=float(self.config.rollout.max_new_tokens), backend=self.config.model.backend)
+        return loss, {METRIC_NAMES.get(name, name): value.item() for name, value in metrics.items()}

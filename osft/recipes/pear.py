@@ -1,0 +1,46 @@
+"""``pear``: offline SFT on the dataset's responses, each token's loss weighted by PEAR importance
+weights of the current policy over the behavior policy that produced the data
+(:func:`osft_kernels.losses.pear_loss`). The behavior logprobs come from ``osft score``."""
+from torch import Tensor
+
+from osft_kernels.losses import pear_loss
+
+from ..config import Config
+from ..data import Sequences, pack, tokenize_prompts, tokenize_responses
+from ..model import CausalLM
+
+
+class PEARRecipe:
+    updates_per_batch = 1
+    columns = ("prompt_column", "response_column", "behavior_logprobs_column")
+
+    def __init__(self, config: Config, lm: CausalLM):
+        self.config, self.lm = config, lm
+
+    def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
+        data, tokenizer = self.config.data, self.lm.tokenizer
+        responses = tokenize_responses(rows, data, tokenizer)
+        behavior = []
+        for row, response in zip(rows, responses):
+            values = list(row[data.behavior_logprobs_column])
+            if len(values) < len(response):
+                raise ValueError(f"{data.behavior_logprobs_column} has {len(values)} values for a response of "
+                                 f"{len(response)} tokens: score the data with this tokenizer (osft score)")
+            behavior.append(values[:len(response)])
+        batch = pack(tokenize_prompts(rows, data, tokenizer), responses, tokenizer.pad_token_id,
+                     {"behavior_logprobs": behavior})
+        return batch, {}
+
+    def num_items(self, batch: Sequences) -> float:
+        return float(batch.num_sequences if self.config.pear.normalize == "sequences" else batch.num_targets)
+
+    def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
+        pear, head = self.config.pear, self.lm.head()
+        hidden = self.lm.hidden_states(micro.input_ids, micro.attention_mask)
+        loss = pear_loss(hidden, head.weight, micro.labels, micro.shifted("behavior_logprobs"), level=pear.level,
+                         block_size=pear.block_size, gamma=pear.gamma,
+                         log_ratio_clip=(pear.log_ratio_clip_low, pear.log_ratio_clip_high),
+                         log_weight_clip=(pear.log_weight_clip_low, pear.log_weight_clip_high),
+                         normalize=pear.normalize, num_items=num_items, bias=head.bias, softcap=head.softcap,
+                         temperature=head.temperature_scale, shift=True, backend=self.config.model.backend)
+        return loss, {}

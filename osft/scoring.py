@@ -1,0 +1,46 @@
+"""Per-token logprobs of given token sequences under a model, through the fused op (no logits), and
+``osft score``, which writes them into a data file."""
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from osft_kernels import linear_logprobs
+
+from .config import Config
+from .data import IGNORE, Sequences, load_rows, pack, tokenize_prompts, tokenize_responses
+from .model import CausalLM, load_causal_lm
+
+
+@torch.no_grad()
+def target_logprobs(lm: CausalLM, batch: Sequences, *, temperature: float, backend: str = "auto") -> Tensor:
+    """``log p(labels[:, t + 1])`` at ``temperature``, ``[B, T - 1]`` float32, 0 at non-target positions."""
+    head = lm.head()
+    hidden = lm.hidden_states(batch.input_ids, batch.attention_mask)
+    return linear_logprobs(hidden, head.weight, batch.labels, bias=head.bias, softcap=head.softcap, shift=True,
+                           temperature=temperature * head.temperature_scale, backend=backend).logprobs
+
+
+def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Path:
+    """Write ``config.data.train`` with a ``config.data.behavior_logprobs_column`` column: the logprob
+    of each response token (EOS included, as the ``sft``/``pear`` recipes tokenize it) under
+    ``config.model`` at ``temperature``. This is how PEAR's behavior-policy logprobs are collected."""
+    import datasets
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_causal_lm(config.model, device)
+    lm.model.eval()
+    data = config.data
+    rows = load_rows(data.train, [data.prompt_column, data.response_column])
+    scored = []
+    for start in range(0, len(rows), config.rollout.batch_size):
+        chunk = rows[start:start + config.rollout.batch_size]
+        batch = pack(tokenize_prompts(chunk, data, lm.tokenizer), tokenize_responses(chunk, data, lm.tokenizer),
+                     lm.tokenizer.pad_token_id)
+        logprobs = target_logprobs(lm, batch.to(device), temperature=temperature, backend=config.model.backend).cpu()
+        targets = batch.labels[:, 1:] != IGNORE
+        for row, values, mask in zip(chunk, logprobs, targets):
+            scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(scored).to_parquet(str(output))
+    return output
