@@ -39,10 +39,11 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: colocated, in-process, weights synced after each update
     max_new_tokens: int = 256
     top_p: float = 1.0
-    batch_size: int = 16                 # prompts per generate() call
+    batch_size: int = 16                 # prompts per generate() call (hf engine)
+    vllm_memory_fraction: float = 0.3    # vLLM's gpu_memory_utilization
 
 
 @dataclass
@@ -136,7 +137,8 @@ class Config:
 _POSITIVE = {"epochs", "prompts_per_step", "keep_last", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
              "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
              "anneal_epochs", "tau_t", "max_grad_norm", "num_generations", "temperature", "num_iterations",
-             "block_size", "gamma", "samples"}
+             "block_size", "gamma", "samples",
+             "vllm_memory_fraction"}
 _NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
                  "dual_clip", "kl_coef", "is_cap", "every", "max_prompts"}
 

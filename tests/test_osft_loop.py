@@ -361,3 +361,20 @@ def test_evaluation_before_during_and_after_training(tmp_path, model_dir, data_f
 def test_example_configs_are_valid(name):
     config = load_config(ROOT / "examples" / f"{name}.yaml", ["model.path=/models/m", "data.train=/data/d.jsonl"])
     assert config.recipe == name
+
+
+def test_vllm_engine_absence_is_reported(tmp_path, model_dir, data_file, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.engine=vllm"])
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"rollout.engine=vllm needs vLLM: pip install '.\[vllm\]'"):
+        make_recipe(config, lm)

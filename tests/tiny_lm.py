@@ -21,7 +21,9 @@ def arithmetic_rows(count: int = 24) -> list[dict]:
     return rows
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, tie_embeddings: bool = True) -> Path:
+def build_tiny_model(directory: Path, *, seed: int = 0, tie_embeddings: bool = True, hidden_size: int = 32,
+                     num_heads: int = 4) -> Path:
+    """``hidden_size / num_heads`` is the attention head size (vLLM's CPU kernels need e.g. 64)."""
     words = " ".join(r["prompt"] + " " + r["response"] for r in arithmetic_rows())
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -31,8 +33,9 @@ def build_tiny_model(directory: Path, *, seed: int = 0, tie_embeddings: bool = T
                                    eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=max(num_heads // 2, 1),
+                         max_position_embeddings=128,
                          tie_word_embeddings=tie_embeddings, eos_token_id=fast.eos_token_id,
                          pad_token_id=fast.pad_token_id, bos_token_id=None)
     model = LlamaForCausalLM(config)

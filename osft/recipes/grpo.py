@@ -12,7 +12,7 @@ from ..config import Config
 from ..data import Sequences, pack, prompt_text, tokenize_prompts
 from ..model import CausalLM, load_causal_lm
 from ..rewards import REWARDS
-from ..rollout import HFGenerateEngine
+from ..rollout import make_engine
 from ..scoring import target_logprobs
 
 # policy_loss's metrics under the names TRL and verl users know
@@ -25,7 +25,7 @@ class GRPORecipe:
 
     def __init__(self, config: Config, lm: CausalLM):
         self.config, self.lm = config, lm
-        self.engine = HFGenerateEngine(lm, config.rollout)
+        self.engine = make_engine(lm, config)
         self.updates_per_batch = config.grpo.num_iterations
         self.reward = REWARDS[config.grpo.reward]
         self.reference = None

@@ -8,7 +8,7 @@ from osft_kernels.losses import sampling_temperature
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts
 from ..model import CausalLM
-from ..rollout import HFGenerateEngine
+from ..rollout import make_engine
 from .sft import response_nll
 
 
@@ -18,7 +18,7 @@ class OSFTRecipe:
 
     def __init__(self, config: Config, lm: CausalLM):
         self.config, self.lm = config, lm
-        self.engine = HFGenerateEngine(lm, config.rollout)
+        self.engine = make_engine(lm, config)
 
     def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
         osft = self.config.osft
