@@ -106,7 +106,8 @@ def _cce(impl: str):
 def liger(op, hidden, weight, targets, upstream):
     """Liger-Kernel's fused linear cross-entropy (``LigerFusedLinearCrossEntropyLoss``)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    return _with_grads(op, hidden, weight, upstream, lambda: LigerFusedLinearCrossEntropyLoss()(weight, hidden, targets))
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return _with_grads(op, hidden, weight, upstream, lambda: loss(weight, hidden, targets))
 
 
 def ours(backend: str):

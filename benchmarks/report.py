@@ -2,10 +2,11 @@
 
     python -m benchmarks.report RESULTS.json [--out benchmarks/results] [--name cpu]
 
-Writes ``NAME.json`` (a copy of the results, for ``--benchmark-compare``), ``NAME.md`` (one table per operation and shape: time, ratio to naive, peak memory above the
-inputs and its ratio, the gradients' share of it, effective TFLOP/s and the share of the device's
-dense peak when known, then the targets) and ``NAME.png`` (time and peak memory against the
-vocabulary size, one line per implementation).
+Writes ``NAME.json`` (a copy of the results, for ``--benchmark-compare``), ``NAME.md`` (one table
+per operation and shape: time, ratio to naive, peak memory above the inputs and its ratio, the
+gradients' share of it, effective TFLOP/s and the share of the device's dense peak when known,
+then the targets) and ``NAME.png`` (time and peak memory against the vocabulary size, one line
+per implementation).
 """
 import argparse
 import json
@@ -93,7 +94,8 @@ def write_markdown(info, groups, path: Path, plot_name: str) -> None:
              f"- device: {info['device_name']}; dtype {info['dtype'].removeprefix('torch.')}; "
              f"commit {info['commit']}; {info['datetime'][:19]}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-             f"- time: median of {some['rounds']} rounds after a warm-up call (the one whose memory is measured); one call is a whole forward "
+             f"- time: median of {some['rounds']} rounds after a warm-up call (the one whose memory is "
+             "measured); one call is a whole forward "
              "(+ backward) over all tokens. TFLOP/s counts 6·N·D·V (2·N·D·V forward-only).",
              "- memory: peak allocated above the inputs during one call, the returned gradients included "
              "(`gradients` column: (N+V)·D elements in the input dtype); `working` = peak minus gradients."

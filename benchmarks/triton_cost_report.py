@@ -93,11 +93,14 @@ def main() -> None:
           f"{'tile traffic GiB':>16} {'compulsory GiB':>14} {'ms at peak':>10} {'regs':>5} {'smem KiB':>8}")
     for launch in launches(n, d, v, arch):
         config = launch.config
-        shape = "-" if config is None else "x".join(
-            str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")) + f"/{config.num_warps}/{config.num_stages}"
+        shape = "-"
+        if config is not None:
+            tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
+            shape = f"{tiles}/{config.num_warps}/{config.num_stages}"
         info = resources.get(_key(launch.kernel, config))
         regs = f"{info.registers:>5} {info.shared_bytes / 1024:>8.0f}" if info else f"{'-':>5} {'-':>8}"
-        print(f"{launch.kernel:22} {launch.tiles:>7} {shape:22} {launch.flops / 1e12:>7.2f} {launch.flops / bound:>6.2f} "
+        print(f"{launch.kernel:22} {launch.tiles:>7} {shape:22} {launch.flops / 1e12:>7.2f} "
+              f"{launch.flops / bound:>6.2f} "
               f"{launch.traffic / 2**30:>16.1f} {launch.compulsory / 2**30:>14.2f} "
               f"{launch.flops / (peak * 1e12) * 1e3:>10.2f} {regs}")
     print(f"Per step: default = row_partials + merge + logit_grad[fused] (8NDV); deterministic = row_partials + "

@@ -123,6 +123,7 @@ class Config:
     keep_last: int = 2
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 1
+    tensorboard: bool = False            # also write metrics to run_dir/tensorboard
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -106,7 +106,8 @@ class VLLMEngine:
         for request in outputs:
             for sample in request.outputs:
                 logprobs = [entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs)]
-                completions.append(Completion(list(sample.token_ids), logprobs, truncated=sample.finish_reason == "length"))
+                completions.append(Completion(list(sample.token_ids), logprobs,
+                                              truncated=sample.finish_reason == "length"))
         return completions
 
 

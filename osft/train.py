@@ -118,6 +118,35 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+class MetricLog:
+    """Metrics to ``metrics.jsonl`` (one JSON object per logged step) and, optionally, TensorBoard."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None):
+        self.file = open(path, "a")  # noqa: SIM115 (closed by close())
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise RuntimeError("tensorboard: true needs the tensorboard package: "
+                                   "pip install tensorboard") from error
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, step: int, metrics: dict[str, float], *, to_file: bool = True) -> None:
+        if to_file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if name != "step":
+                    self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def drop_logged_after(path: Path, step: int) -> None:
     """Forget metrics of steps after ``step`` (logged by a run that was killed before its next checkpoint)."""
     if path.exists():
@@ -134,7 +163,9 @@ def train(config: Config, *, progress: bool = True) -> Path:
     checkpoints = Checkpoints(run_dir, config.keep_last)
     resume_from = checkpoints.latest() if config.resume == "auto" else None
     seed_everything(config.seed)
-    model_config = config.model if resume_from is None else ModelConfig(**{**vars(config.model), "path": str(resume_from)})
+    model_config = config.model
+    if resume_from is not None:  # the trainer continues from the checkpoint's weights
+        model_config = ModelConfig(**{**vars(config.model), "path": str(resume_from)})
     lm = load_causal_lm(model_config, device)
     recipe = make_recipe(config, lm)
     rows = load_rows(config.data.train, [getattr(config.data, c) for c in RECIPES[config.recipe].columns])
@@ -154,56 +185,65 @@ def train(config: Config, *, progress: bool = True) -> Path:
             path.unlink(missing_ok=True)
     if step >= total_steps:
         return run_dir
-    eval_rows = load_eval_rows(config) if config.eval.data else None
-    if eval_rows and step == 0:
-        append_eval(eval_path, 0, evaluate(lm, config, eval_rows))
+    log = MetricLog(metrics_path, run_dir / "tensorboard" if config.tensorboard else None)
+    try:
+        eval_rows = load_eval_rows(config) if config.eval.data else None
 
-    lm.model.train()
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-               TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar, open(metrics_path, "a") as log:
-        task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
-        updates_left, save_due = 0, False
-        while step < total_steps:
-            started = time.perf_counter()
-            if updates_left == 0:
-                batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
-                batch, batch_metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
-                position += config.prompts_per_step
-                updates_left = recipe.updates_per_batch
-                num_items = recipe.num_items(batch)
-            loss_sum, loss_metrics = 0.0, {}
-            for micro in micro_batches(batch, config.optim.micro_batch_tokens):
-                loss, micro_metrics = recipe.loss(micro.to(device), num_items)
-                loss.backward()
-                loss_sum += loss.item()
-                share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
-                for name, value in micro_metrics.items():
-                    loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), config.optim.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping before "
-                                         f"the update (last checkpoint: {checkpoints.latest()})")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            updates_left -= 1
-            seconds = time.perf_counter() - started
-            metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
-                       "lr": lr, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
-                       "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
-            if step % config.log_every == 0 or step == total_steps:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
-            if eval_rows and ((config.eval.every and step % config.eval.every == 0) or step == total_steps):
-                append_eval(eval_path, step, evaluate(lm, config, eval_rows))
-                lm.model.train()
-            save_due = save_due or bool(config.save_every and step % config.save_every == 0)
-            # checkpoints are taken between batches (a batch may serve several updates), and at the end
-            if (save_due and updates_left == 0) or step == total_steps:
-                checkpoints.save(lm, optimizer, scheduler, step, position)
-                save_due = False
+        def run_evaluation(at_step: int) -> None:
+            results = evaluate(lm, config, eval_rows)
+            append_eval(eval_path, at_step, results)
+            log.write(at_step, results, to_file=False)
+            lm.model.train()
+
+        if eval_rows and step == 0:
+            run_evaluation(0)
+
+        lm.model.train()
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                   TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
+            updates_left, save_due = 0, False
+            while step < total_steps:
+                started = time.perf_counter()
+                if updates_left == 0:
+                    batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
+                    batch, batch_metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
+                    position += config.prompts_per_step
+                    updates_left = recipe.updates_per_batch
+                    num_items = recipe.num_items(batch)
+                loss_sum, loss_metrics = 0.0, {}
+                for micro in micro_batches(batch, config.optim.micro_batch_tokens):
+                    loss, micro_metrics = recipe.loss(micro.to(device), num_items)
+                    loss.backward()
+                    loss_sum += loss.item()
+                    share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
+                    for name, value in micro_metrics.items():
+                        loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
+                grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), config.optim.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping before "
+                                             f"the update (last checkpoint: {checkpoints.latest()})")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                updates_left -= 1
+                seconds = time.perf_counter() - started
+                metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
+                           "lr": lr, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
+                           "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
+                if step % config.log_every == 0 or step == total_steps:
+                    log.write(step, metrics)
+                bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
+                if eval_rows and ((config.eval.every and step % config.eval.every == 0) or step == total_steps):
+                    run_evaluation(step)
+                save_due = save_due or bool(config.save_every and step % config.save_every == 0)
+                # checkpoints are taken between batches (a batch may serve several updates), and at the end
+                if (save_due and updates_left == 0) or step == total_steps:
+                    checkpoints.save(lm, optimizer, scheduler, step, position)
+                    save_due = False
+    finally:
+        log.close()
     return run_dir

@@ -378,3 +378,21 @@ def test_vllm_engine_absence_is_reported(tmp_path, model_dir, data_file, monkeyp
     lm = load_causal_lm(config.model, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"rollout.engine=vllm needs vLLM: pip install '.\[vllm\]'"):
         make_recipe(config, lm)
+
+
+@pytest.mark.parametrize("recipe", ["sft", "osft", "pear", "grpo"])
+def test_every_recipe_runs_from_the_cli(tmp_path, model_dir, data_file, recipe):
+    data = data_file
+    if recipe == "pear":  # PEAR reads behavior logprobs; constant ones are enough to run
+        data = write_rows(tmp_path / "pear.jsonl", [{**r, "behavior_logprobs": [-1.0] * 32} for r in arithmetic_rows()])
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "osft", "train", "/dev/null", "--no-progress",
+                             *base_overrides(model_dir, data, run_dir, recipe), "max_steps=2", "tensorboard=true",
+                             "grpo.num_generations=2"], capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_metrics(run_dir)) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"loss", "grad_norm", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]

@@ -56,7 +56,8 @@ class GRPORecipe:
                 self.reference, batch.to(device), temperature=grpo.temperature, backend=self.config.model.backend))
         lengths = [len(c.token_ids) for c in completions]
         per_group = reward_tensor.view(-1, group)
-        return batch, {"reward": reward_tensor.mean().item(), "reward_std": per_group.std(1, correction=0).mean().item(),
+        return batch, {"reward": reward_tensor.mean().item(),
+                       "reward_std": per_group.std(1, correction=0).mean().item(),
                        "rewards/unjudged_ratio": unjudged / len(rewards),
                        "completions/mean_length": sum(lengths) / len(lengths),
                        "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}

@@ -43,10 +43,12 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     or one whose rewards are all equal, gets advantage 0.
     """
     if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
-        raise TypeError(f"rewards must be a 1-D floating point tensor, got "
-                        f"{type(rewards).__name__ if not isinstance(rewards, Tensor) else (rewards.dtype, tuple(rewards.shape))}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_size must be an int >= 1 dividing len(rewards) = {rewards.numel()}, got {group_size!r}")
+        got = (rewards.dtype, tuple(rewards.shape)) if isinstance(rewards, Tensor) else type(rewards).__name__
+        raise TypeError(f"rewards must be a 1-D floating point tensor, got {got}")
+    if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1
+            or rewards.numel() % group_size):
+        raise ValueError(f"group_size must be an int >= 1 dividing len(rewards) = {rewards.numel()}, "
+                         f"got {group_size!r}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     _check_number("eps", eps, low=0.0)
