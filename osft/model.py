@@ -76,7 +76,7 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     output_head(model)  # refuse unsupported heads before any work
     return CausalLM(model, tokenizer)

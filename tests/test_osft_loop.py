@@ -396,3 +396,20 @@ def test_every_recipe_runs_from_the_cli(tmp_path, model_dir, data_file, recipe):
     events.Reload()
     assert {"loss", "grad_norm", "lr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, model_dir, data_file):
+    gradients = []
+    for checkpointing in ("false", "true"):
+        config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "sft"),
+                                    f"model.gradient_checkpointing={checkpointing}"])
+        lm = load_causal_lm(config.model, torch.device("cpu"))
+        lm.model.train()
+        recipe = make_recipe(config, lm)
+        batch, _ = recipe.make_batch(arithmetic_rows()[:4], epoch=0.0)
+        loss, _ = recipe.loss(batch, recipe.num_items(batch))
+        loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in lm.model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == len(list(lm.model.parameters()))
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
