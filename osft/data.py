@@ -56,13 +56,18 @@ class Sequences:
     row_values: dict[str, Tensor] = field(default_factory=dict)
 
     @property
+    def target_mask(self) -> Tensor:
+        """Bool ``[B, T - 1]``: which shifted targets ``labels[:, 1:]`` carry loss."""
+        return self.labels[:, 1:] != IGNORE
+
+    @property
     def num_targets(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
+        return int(self.target_mask.sum())
 
     @property
     def num_sequences(self) -> int:
         """Sequences with at least one target."""
-        return int((self.labels[:, 1:] != IGNORE).any(1).sum())
+        return int(self.target_mask.any(1).sum())
 
     def _map(self, rows=slice(None), width=None, device=None) -> "Sequences":
         def tokens(x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from .config import Config
 from .data import load_rows, prompt_text, tokenize_prompts
 from .model import CausalLM
 from .rewards import REWARDS
-from .rollout import HFGenerateEngine
+from .rollout import HFGenerateEngine, completion_metrics
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -41,7 +41,7 @@ def evaluate(lm: CausalLM, config: Config, rows: list[dict]) -> dict[str, float]
     metrics = {f"eval/pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(rows)
                for k in (2 ** j for j in range(int(math.log2(n)) + 1))}
     metrics[f"eval/avg@{n}"] = sum(r or 0.0 for r in rewards) / len(rewards)
-    metrics["eval/mean_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
+    metrics["eval/mean_length"] = completion_metrics(completions)["completions/mean_length"]
     metrics["eval/unjudged_ratio"] = sum(r is None for r in rewards) / len(rewards)
     metrics["eval/temperature"] = settings.temperature
     return metrics

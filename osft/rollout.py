@@ -20,6 +20,12 @@ class Completion:
     truncated: bool
 
 
+def completion_metrics(completions: list[Completion]) -> dict[str, float]:
+    """``completions/mean_length`` (tokens) and ``completions/clipped_ratio`` (share truncated)."""
+    return {"completions/mean_length": sum(len(c.token_ids) for c in completions) / len(completions),
+            "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
+
+
 class HFGenerateEngine:
     """Batched ``model.generate`` sampling (left-padded prompts), with ``top_p`` and ``max_new_tokens``."""
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from osft_kernels import linear_logprobs
 
 from .config import Config
-from .data import IGNORE, Sequences, load_rows, pack, tokenize_prompts, tokenize_responses
+from .data import Sequences, load_rows, pack, tokenize_prompts, tokenize_responses
 from .model import CausalLM, load_causal_lm
 
 
@@ -38,8 +38,7 @@ def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Pat
         batch = pack(tokenize_prompts(chunk, data, lm.tokenizer), tokenize_responses(chunk, data, lm.tokenizer),
                      lm.tokenizer.pad_token_id)
         logprobs = target_logprobs(lm, batch.to(device), temperature=temperature, backend=config.model.backend).cpu()
-        targets = batch.labels[:, 1:] != IGNORE
-        for row, values, mask in zip(chunk, logprobs, targets):
+        for row, values, mask in zip(chunk, logprobs, batch.target_mask):
             scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
     output.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(scored).to_parquet(str(output))

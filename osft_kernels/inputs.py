@@ -23,6 +23,11 @@ def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    """A real, finite number (``bool`` excluded)."""
+    return _is_number(value) and math.isfinite(value)
+
+
 def require_tensor(name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -80,7 +85,7 @@ def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Non
 def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         expected = "None or a finite number > 0" if allow_none else "a finite number > 0"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
@@ -148,7 +153,7 @@ class BackendOptions:
 
 def backend_options(memory_budget, filter_eps, deterministic) -> BackendOptions:
     if not (filter_eps == "auto" if isinstance(filter_eps, str) else
-            _is_number(filter_eps) and math.isfinite(filter_eps) and filter_eps >= 0):
+            is_finite_number(filter_eps) and filter_eps >= 0):
         raise ValueError(f"filter_eps must be 'auto' or a finite float >= 0 (0 disables filtering), "
                          f"got {filter_eps!r}")
     check_flag("deterministic", deterministic)

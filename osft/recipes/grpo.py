@@ -7,12 +7,13 @@ import torch
 from torch import Tensor
 
 from osft_kernels.losses import group_advantages, grpo_loss, truncated_importance_weights
+from osft_kernels.losses.sft import unshift
 
 from ..config import Config
 from ..data import Sequences, pack, prompt_text, tokenize_prompts
 from ..model import CausalLM, load_causal_lm
 from ..rewards import REWARDS
-from ..rollout import make_engine
+from ..rollout import completion_metrics, make_engine
 from ..scoring import target_logprobs
 
 # policy_loss's metrics under the names TRL and verl users know
@@ -47,25 +48,22 @@ class GRPORecipe:
         batch = pack([p for p in prompts for _ in range(group)], [c.token_ids for c in completions],
                      tokenizer.pad_token_id, {"engine_logprobs": [c.logprobs for c in completions]})
         batch.row_values["advantages"] = group_advantages(reward_tensor, group, scale=grpo.scale_rewards)
-        device = self.lm.device
+        on_device = batch.to(self.lm.device)
+
+        def score(model: CausalLM) -> Tensor:
+            """Logprobs of the shifted targets under ``model``, stored at their token positions."""
+            logprobs = target_logprobs(model, on_device, temperature=grpo.temperature,
+                                       backend=self.config.model.backend)
+            return unshift(logprobs, True).cpu()
+
         if self.updates_per_batch > 1:
-            batch.token_values["old_logprobs"] = self._unshift(target_logprobs(
-                self.lm, batch.to(device), temperature=grpo.temperature, backend=self.config.model.backend))
+            batch.token_values["old_logprobs"] = score(self.lm)
         if self.reference is not None:
-            batch.token_values["ref_logprobs"] = self._unshift(target_logprobs(
-                self.reference, batch.to(device), temperature=grpo.temperature, backend=self.config.model.backend))
-        lengths = [len(c.token_ids) for c in completions]
+            batch.token_values["ref_logprobs"] = score(self.reference)
         per_group = reward_tensor.view(-1, group)
         return batch, {"reward": reward_tensor.mean().item(),
                        "reward_std": per_group.std(1, correction=0).mean().item(),
-                       "rewards/unjudged_ratio": unjudged / len(rewards),
-                       "completions/mean_length": sum(lengths) / len(lengths),
-                       "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
-
-    @staticmethod
-    def _unshift(values: Tensor) -> Tensor:
-        """``[B, T - 1]`` values of the shifted targets back to ``[B, T]`` token positions."""
-        return torch.cat([values.new_zeros(values.shape[0], 1), values], 1).cpu()
+                       "rewards/unjudged_ratio": unjudged / len(rewards), **completion_metrics(completions)}
 
     def num_items(self, batch: Sequences) -> float:
         agg = self.config.grpo.agg
@@ -76,7 +74,7 @@ class GRPORecipe:
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         grpo, head = self.config.grpo, self.lm.head()
         hidden = self.lm.hidden_states(micro.input_ids, micro.attention_mask)
-        mask = micro.labels[:, 1:] != -100
+        mask = micro.target_mask
         old = micro.shifted("old_logprobs") if "old_logprobs" in micro.token_values else None
         ref = micro.shifted("ref_logprobs") if "ref_logprobs" in micro.token_values else None
         is_weights = None

@@ -8,7 +8,7 @@ from osft_kernels.losses import sampling_temperature
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts
 from ..model import CausalLM
-from ..rollout import make_engine
+from ..rollout import completion_metrics, make_engine
 from .sft import response_nll
 
 
@@ -27,9 +27,7 @@ class OSFTRecipe:
         prompts = tokenize_prompts(rows, self.config.data, self.lm.tokenizer)
         completions = self.engine.generate(prompts, temperature=tau_s)
         batch = pack(prompts, [c.token_ids for c in completions], self.lm.tokenizer.pad_token_id)
-        lengths = [len(c.token_ids) for c in completions]
-        return batch, {"tau_s": tau_s, "completions/mean_length": sum(lengths) / len(lengths),
-                       "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
+        return batch, {"tau_s": tau_s, **completion_metrics(completions)}
 
     def num_items(self, batch: Sequences) -> float:
         return float(batch.num_targets)

@@ -21,11 +21,11 @@ batch gives all-zero coefficients: a zero loss with zero gradients, never a NaN.
 ``num_items`` is the count over the whole accumulated batch (all micro-batches, all ranks), so that
 summing the losses of micro-batches gives the full batch's gradient (TRL's ``loss_type="dapo"``).
 """
-import math
-from numbers import Real
 
 import torch
 from torch import Tensor
+
+from ..inputs import check_positive_number
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "constant")
 
@@ -45,11 +45,11 @@ def check_mask(mask, like: Tensor, name: str = "mask") -> Tensor:
     return mask
 
 
-def _positive_count(name: str, value, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
+def _positive_count(name: str, value) -> float | None:
+    """None, or ``value`` as a float after checking that it is a finite number > 0."""
+    if value is None:
         return None
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    check_positive_number(name, value)
     return float(value)
 
 

@@ -3,12 +3,12 @@ clip-higher, dual clip, Dr. GRPO aggregation, KL to a reference, entropy bonus, 
 importance sampling), and a fused one-call version from hidden states.
 """
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
 from ..api import linear_logprobs
+from ..inputs import is_finite_number
 from .aggregation import aggregate, check_mask
 from .sft import target_mask
 
@@ -20,8 +20,7 @@ LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to [-20, 20] before exp, as ver
 def _check_number(name: str, value, *, low: float | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value) or (
-            low is not None and value < low):
+    if not is_finite_number(value) or (low is not None and value < low):
         bound = "" if low is None else f" >= {low}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 

@@ -16,12 +16,12 @@ Implemented definition, per sequence, over its response tokens (``mask`` True) n
 The weights are detached: PEAR's loss is ``sum_t sg[weight_t] * loss_t``.
 """
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
 
 from ..api import linear_logprobs
+from ..inputs import is_finite_number
 from .aggregation import aggregate, check_mask
 from .sft import NORMALIZATIONS, target_mask
 
@@ -30,7 +30,7 @@ LEVELS = ("token", "block", "sequence")
 
 def _check_interval(name: str, value) -> tuple[float, float]:
     if (not isinstance(value, tuple | list) or len(value) != 2
-            or not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or not all(is_finite_number(v) for v in value)
             or value[0] > value[1]):
         raise ValueError(f"{name} must be a pair (low, high) of finite numbers with low <= high, got {value!r}")
     return float(value[0]), float(value[1])
@@ -66,7 +66,7 @@ def pear_weights(logp_current: Tensor, logp_behavior: Tensor, mask: Tensor, *, l
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    if not isinstance(gamma, Real) or isinstance(gamma, bool) or not 0 < gamma <= 1:
+    if not is_finite_number(gamma) or not 0 < gamma <= 1:
         raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
     ratio_low, ratio_high = _check_interval("log_ratio_clip", log_ratio_clip)
     weight_low, weight_high = _check_interval("log_weight_clip", log_weight_clip)

@@ -7,8 +7,6 @@ identity ``E_{y ~ p}[grad log p(y)] = 0``); with ``tau_s < tau_t`` the expected 
 gradient ``(softmax(z / tau_t) - softmax(z / tau_s)) / tau_t`` sharpens the distribution, pushing
 every logit margin toward ``tau_t / tau_s`` times its old value.
 """
-import math
-from numbers import Real
 
 import torch
 from torch import Tensor
@@ -85,7 +83,7 @@ def sampling_temperature(epoch: float, *, start: float = 0.6, end: float = 1.0, 
     ``end=start`` gives a constant (v1: 0.6 throughout).
     """
     for name, value in (("epoch", epoch), ("start", start), ("end", end), ("anneal_epochs", anneal_epochs)):
-        if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+        if not inputs.is_finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch!r}")
