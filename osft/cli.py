@@ -3,6 +3,7 @@
     osft train CONFIG.yaml [key.sub=value ...] [--no-progress]
     osft score CONFIG.yaml --output FILE.parquet [--temperature T] [key.sub=value ...]
     osft eval CONFIG.yaml [key.sub=value ...]      (model.path on eval.data; written to run_dir/eval.jsonl)
+    osft demo [--model smollm2-135m] [--ablation] ...  (OSFT vs GRPO on the built-in task; see osft.demo)
 """
 import argparse
 import sys
@@ -25,11 +26,15 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT / PEAR / GRPO training on fused losses")
-    parser.add_argument("command", choices=["train", "eval", "score"],
+    parser.add_argument("command", choices=["train", "eval", "score", "demo"],
                         help="train: run config.recipe; eval: pass@k of model.path on eval.data; score: write "
                              "per-token response logprobs of data.train under model.path (PEAR's behavior "
-                             "logprobs) into a parquet file")
+                             "logprobs) into a parquet file; demo: OSFT vs GRPO from a packaged "
+                             "pretrained model on the built-in math task")
     known, rest = parser.parse_known_args(argv)
+    if known.command == "demo":
+        from .demo import main as demo_main
+        return demo_main(rest)
     args = _command_parser(known.command).parse_intermixed_args(rest)
     try:
         config = load_config(args.config, args.overrides)

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""                       # a local transformers causal-LM directory (required)
+    path: str = ""                       # a local transformers causal-LM directory or a packaged model name
+                                         # (smollm2-135m, gemma3-270m; see osft.packaged) (required)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     gradient_checkpointing: bool = False
     backend: Literal["auto", "torch", "triton", "reference"] = "auto"  # the fused loss's backend
@@ -43,6 +44,7 @@ class RolloutConfig:
     max_new_tokens: int = 256
     top_p: float = 1.0
     batch_size: int = 16                 # prompts per generate() call (hf engine)
+    mask_truncated_completions: bool = False  # osft, grpo: completions cut at max_new_tokens get no loss
     vllm_memory_fraction: float = 0.3    # vLLM's gpu_memory_utilization
 
 
@@ -78,6 +80,8 @@ class EvalConfig:
     samples: int = 4                     # n completions per prompt; pass@k for k = 1, 2, 4, ... <= n
     temperature: float = 1.0
     max_prompts: int = 0                 # 0: all
+    greedy: bool = False                 # also report eval/greedy_pass@1 (one greedy completion per prompt)
+    at_start: bool = True                # evaluate before the first step
     reward: Literal["math", "exact_match"] = "math"
 
 
@@ -118,6 +122,7 @@ class Config:
     seed: int = 0
     epochs: float = 1.0                  # passes over the training prompts
     max_steps: int = 0                   # stop after this many optimizer steps (0: no limit)
+    max_rollout_tokens: int = 0          # also stop after the batch where this many tokens were generated (0: no limit)
     prompts_per_step: int = 8
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     keep_last: int = 2
@@ -141,7 +146,7 @@ _POSITIVE = {"epochs", "prompts_per_step", "keep_last", "log_every", "lr", "max_
              "block_size", "gamma", "samples",
              "vllm_memory_fraction"}
 _NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
-                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts"}
+                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts", "max_rollout_tokens"}
 
 
 def _convert(value, kind, key: str):
@@ -232,7 +237,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     config = _build(Config, data)
     if not config.model.path:
-        raise ConfigError("model.path is required: a local transformers model directory")
+        raise ConfigError("model.path is required: a local transformers model directory, or smollm2-135m / "
+                          "gemma3-270m")
     if not config.data.train:
         raise ConfigError("data.train is required: a .jsonl or .parquet file")
     pear = config.pear

@@ -89,6 +89,10 @@ class Sequences:
     def to(self, device) -> "Sequences":
         return self._map(device=device)
 
+    def drop_targets(self, rows: list[bool]) -> None:
+        """Take the loss off the sequences where ``rows`` is True (their labels become ``IGNORE``)."""
+        self.labels[torch.tensor(rows, dtype=torch.bool)] = IGNORE
+
     def shifted(self, name: str) -> Tensor:
         """A token value aligned with the shifted targets ``labels[:, 1:]``."""
         return self.token_values[name][:, 1:]

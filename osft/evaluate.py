@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import torch
+from rich.progress import Progress
 
 from .config import Config
 from .data import load_rows, prompt_text, tokenize_prompts
@@ -26,25 +27,38 @@ def load_eval_rows(config: Config) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(lm: CausalLM, config: Config, rows: list[dict]) -> dict[str, float]:
+def evaluate(lm: CausalLM, config: Config, rows: list[dict], progress: Progress | None = None) -> dict[str, float]:
     """``eval/pass@k`` for k = 1, 2, 4, ... <= n, ``eval/avg@n`` (mean reward over all samples),
-    ``eval/mean_length`` and ``eval/unjudged_ratio`` (completions the reward could not judge, counted wrong)."""
+    ``eval/mean_length`` and ``eval/unjudged_ratio`` (completions the reward could not judge, counted wrong);
+    with ``eval.greedy`` also ``eval/greedy_pass@1``. ``progress``: a rich Progress to show generation on."""
     settings, data, tokenizer = config.eval, config.data, lm.tokenizer
     n = settings.samples
-    completions = HFGenerateEngine(lm, config.rollout).generate(tokenize_prompts(rows, data, tokenizer),
-                                                                temperature=settings.temperature, num_samples=n)
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    repeated = [row for row in rows for _ in range(n)]
-    rewards = REWARDS[settings.reward]([prompt_text(r[data.prompt_column], tokenizer) for r in repeated], texts,
-                                       answer=[r[data.answer_column] for r in repeated])
-    correct = [sum(1 for r in rewards[i * n:(i + 1) * n] if r == 1.0) for i in range(len(rows))]
-    metrics = {f"eval/pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(rows)
+    engine = HFGenerateEngine(lm, config.rollout)
+    prompts = tokenize_prompts(rows, data, tokenizer)
+    completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
+    correct = _judge(lm, config, rows, completions, n)
+    metrics = {f"eval/pass@{k}": sum(pass_at_k(n, sum(c == 1.0 for c in per_prompt), k)
+                                     for per_prompt in correct) / len(rows)
                for k in (2 ** j for j in range(int(math.log2(n)) + 1))}
+    rewards = [r for per_prompt in correct for r in per_prompt]
     metrics[f"eval/avg@{n}"] = sum(r or 0.0 for r in rewards) / len(rewards)
     metrics["eval/mean_length"] = completion_metrics(completions)["completions/mean_length"]
     metrics["eval/unjudged_ratio"] = sum(r is None for r in rewards) / len(rewards)
     metrics["eval/temperature"] = settings.temperature
+    if settings.greedy:
+        greedy = _judge(lm, config, rows, engine.generate(prompts, temperature=0.0, progress=progress), 1)
+        metrics["eval/greedy_pass@1"] = sum(per_prompt[0] == 1.0 for per_prompt in greedy) / len(rows)
     return metrics
+
+
+def _judge(lm: CausalLM, config: Config, rows: list[dict], completions, n: int) -> list[list[float | None]]:
+    """The rewards of ``n`` completions per row (prompt-major), one list per row."""
+    data, tokenizer = config.data, lm.tokenizer
+    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    repeated = [row for row in rows for _ in range(n)]
+    rewards = REWARDS[config.eval.reward]([prompt_text(r[data.prompt_column], tokenizer) for r in repeated], texts,
+                                          answer=[r[data.answer_column] for r in repeated])
+    return [rewards[i * n:(i + 1) * n] for i in range(len(rows))]
 
 
 def append_eval(path: Path, step: int, metrics: dict[str, float]) -> None:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
+from .packaged import resolve_model_path
 
 
 @dataclass
@@ -65,10 +66,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
-    """Load ``config.path`` (a local directory; nothing is downloaded)."""
+    """Load ``config.path``: a local directory, or a packaged model's name (:mod:`osft.packaged`);
+    nothing is downloaded."""
+    path = resolve_model_path(config.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(config.path, dtype=resolve_dtype(config.dtype, device),
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(config.dtype, device),
                                                      local_files_only=True)
     except OSError as error:
         raise ValueError(f"model.path {config.path!r} is not a loadable local transformers model directory: "

@@ -8,9 +8,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+from rich.progress import Progress
 
 from .config import Config, RolloutConfig
 from .model import CausalLM
+from .packaged import resolve_model_path
 
 
 @dataclass
@@ -21,8 +23,10 @@ class Completion:
 
 
 def completion_metrics(completions: list[Completion]) -> dict[str, float]:
-    """``completions/mean_length`` (tokens) and ``completions/clipped_ratio`` (share truncated)."""
-    return {"completions/mean_length": sum(len(c.token_ids) for c in completions) / len(completions),
+    """``completions/mean_length`` and ``completions/num_tokens`` (generated tokens) and
+    ``completions/clipped_ratio`` (share truncated)."""
+    num_tokens = sum(len(c.token_ids) for c in completions)
+    return {"completions/mean_length": num_tokens / len(completions), "completions/num_tokens": float(num_tokens),
             "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
 
 
@@ -33,11 +37,16 @@ class HFGenerateEngine:
         self.lm, self.config = lm, config
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1) -> list[Completion]:
-        """``num_samples`` completions per prompt, grouped by prompt (prompt-major order)."""
+    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+                 progress: Progress | None = None) -> list[Completion]:
+        """``num_samples`` completions per prompt, grouped by prompt (prompt-major order).
+        ``temperature=0`` decodes greedily (logprobs then under the unscaled distribution). With a rich
+        ``progress``, a bar counts the completions while they are generated."""
         tokenizer, model = self.lm.tokenizer, self.lm.model
         requests = [p for p in prompts for _ in range(num_samples)]
         completions = []
+        task = progress.add_task(f"generating (T={temperature:g})", total=len(requests), metrics="") \
+            if progress is not None else None
         was_training = model.training
         model.eval()
         for start in range(0, len(requests), self.config.batch_size):
@@ -48,17 +57,24 @@ class HFGenerateEngine:
             for i, prompt in enumerate(batch):
                 input_ids[i, width - len(prompt):] = torch.tensor(prompt)
                 attention_mask[i, width - len(prompt):] = 1
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": self.config.top_p, "top_k": 0} \
+                if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                 do_sample=True, temperature=temperature, top_p=self.config.top_p, top_k=0,
+                                 **sampling,
                                  max_new_tokens=self.config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
             new_tokens = out.sequences[:, width:]
             # scores are the processed logits (after temperature and top-p) of each sampling step
-            logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(2, new_tokens[..., None]).squeeze(2)
+            logprobs = torch.stack([step.float().log_softmax(-1).gather(1, new_tokens[:, t, None]).squeeze(1)
+                                    for t, step in enumerate(out.scores)], 1)
             for ids, lps in zip(new_tokens.tolist(), logprobs.tolist()):
                 length = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
                 completions.append(Completion(ids[:length], lps[:length],
                                               truncated=tokenizer.eos_token_id not in ids[:length]))
+            if task is not None:
+                progress.advance(task, len(batch))
+        if task is not None:
+            progress.remove_task(task)
         model.train(was_training)
         return completions
 
@@ -80,7 +96,7 @@ class VLLMEngine:
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[lm.model.dtype]
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         max_len = min(max_len, getattr(lm.model.config, "max_position_embeddings", None) or max_len)
-        self.llm = LLM(model=config.model.path, dtype=dtype, seed=config.seed, logprobs_mode="processed_logprobs",
+        self.llm = LLM(model=resolve_model_path(config.model.path), dtype=dtype, seed=config.seed, logprobs_mode="processed_logprobs",
                        max_model_len=max_len,
                        gpu_memory_utilization=config.rollout.vllm_memory_fraction, enforce_eager=True)
         self.sync_weights()  # the trainer may hold a resumed checkpoint rather than model.path

@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-INSTRUCTION = "Solve the problem. Give the final answer as \\boxed{{number}}.\n\n{question}"
+INSTRUCTION = "Give a short solution and put the final answer within \\boxed{{}}.\n\n{question}"
 
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
@@ -52,7 +52,7 @@ def _word_problem(rng: random.Random, difficulty: int) -> tuple[str, int]:
 
 
 def generate_task(seed: int = 0, *, train_size: int = 256, eval_size: int = 64,
-                  difficulty: int = 1) -> tuple[list[dict], list[dict]]:
+                  difficulty: int = 0) -> tuple[list[dict], list[dict]]:
     """``(train_rows, eval_rows)``: distinct questions, half arithmetic and half word problems."""
     if difficulty < 0 or train_size < 0 or eval_size < 0:
         raise ValueError("difficulty, train_size and eval_size must be >= 0")

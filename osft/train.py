@@ -3,7 +3,8 @@ checkpoints with exact resume, and logging.
 
 A batch takes ``prompts_per_step`` rows in a seeded per-epoch order and lets the recipe turn them
 into token sequences, which serve ``recipe.updates_per_batch`` optimizer steps (GRPO's
-``num_iterations``). A step splits the batch into micro-batches of at most
+``num_iterations``). A run ends after ``max_steps`` (or ``epochs``), or after the batch whose
+rollouts bring the generated-token count to ``max_rollout_tokens``. A step splits the batch into micro-batches of at most
 ``optim.micro_batch_tokens`` padded tokens and normalizes every micro-batch loss by the whole
 batch's count (``num_items``), so the accumulated gradient does not depend on the micro-batching.
 """
@@ -81,7 +82,7 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, lm: CausalLM, optimizer, scheduler, step: int, position: int) -> Path:
+    def save(self, lm: CausalLM, optimizer, scheduler, step: int, position: int, rollout_tokens: int) -> Path:
         final = self.root / f"step-{step:06d}"
         temporary = self.root / f"step-{step:06d}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
@@ -91,7 +92,8 @@ class Checkpoints:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"step": step, "position": position, "optimizer": optimizer.state_dict(),
+        torch.save({"step": step, "position": position, "rollout_tokens": rollout_tokens,
+                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng}, temporary / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
@@ -100,7 +102,8 @@ class Checkpoints:
         return final
 
     @staticmethod
-    def restore(path: Path, optimizer, scheduler) -> tuple[int, int]:
+    def restore(path: Path, optimizer, scheduler) -> tuple[int, int, int]:
+        """``(step, position, rollout_tokens)`` of the checkpoint; restores the optimizer, scheduler and RNGs."""
         state = torch.load(path / STATE_FILE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -109,7 +112,7 @@ class Checkpoints:
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], state["position"]
+        return state["step"], state["position"], state["rollout_tokens"]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -174,42 +177,47 @@ def train(config: Config, *, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                   betas=(config.optim.beta1, config.optim.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
-    step, position = 0, 0
+    step, position, rollout_tokens = 0, 0, 0
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     if resume_from is not None:
-        step, position = Checkpoints.restore(resume_from, optimizer, scheduler)
+        step, position, rollout_tokens = Checkpoints.restore(resume_from, optimizer, scheduler)
         for path in (metrics_path, eval_path):
             drop_logged_after(path, step)
     else:
         for path in (metrics_path, eval_path):
             path.unlink(missing_ok=True)
-    if step >= total_steps:
+    updates_left = 0  # optimizer steps the current batch still serves
+
+    def finished() -> bool:
+        return step >= total_steps or (0 < config.max_rollout_tokens <= rollout_tokens and updates_left == 0)
+
+    if finished():
         return run_dir
     log = MetricLog(metrics_path, run_dir / "tensorboard" if config.tensorboard else None)
     try:
         eval_rows = load_eval_rows(config) if config.eval.data else None
 
-        def run_evaluation(at_step: int) -> None:
-            results = evaluate(lm, config, eval_rows)
+        def run_evaluation(at_step: int, bar: Progress) -> None:
+            results = evaluate(lm, config, eval_rows, progress=bar if progress else None)
             append_eval(eval_path, at_step, results)
             log.write(at_step, results, to_file=False)
             lm.model.train()
 
-        if eval_rows and step == 0:
-            run_evaluation(0)
-
-        lm.model.train()
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
-            updates_left, save_due = 0, False
-            while step < total_steps:
+            if eval_rows and step == 0 and config.eval.at_start:
+                run_evaluation(0, bar)
+            lm.model.train()
+            save_due = False
+            while not finished():
                 started = time.perf_counter()
                 if updates_left == 0:
                     batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
                     batch, batch_metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
                     position += config.prompts_per_step
+                    rollout_tokens += int(batch_metrics.get("completions/num_tokens", 0))
                     updates_left = recipe.updates_per_batch
                     num_items = recipe.num_items(batch)
                 loss_sum, loss_metrics = 0.0, {}
@@ -232,17 +240,18 @@ def train(config: Config, *, progress: bool = True) -> Path:
                 updates_left -= 1
                 seconds = time.perf_counter() - started
                 metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
-                           "lr": lr, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
+                           "lr": lr, "rollout_tokens": rollout_tokens, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
                            "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
-                if step % config.log_every == 0 or step == total_steps:
+                last = finished()
+                if step % config.log_every == 0 or last:
                     log.write(step, metrics)
                 bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
-                if eval_rows and ((config.eval.every and step % config.eval.every == 0) or step == total_steps):
-                    run_evaluation(step)
+                if eval_rows and ((config.eval.every and step % config.eval.every == 0) or last):
+                    run_evaluation(step, bar)
                 save_due = save_due or bool(config.save_every and step % config.save_every == 0)
                 # checkpoints are taken between batches (a batch may serve several updates), and at the end
-                if (save_due and updates_left == 0) or step == total_steps:
-                    checkpoints.save(lm, optimizer, scheduler, step, position)
+                if (save_due and updates_left == 0) or last:
+                    checkpoints.save(lm, optimizer, scheduler, step, position, rollout_tokens)
                     save_due = False
     finally:
         log.close()

@@ -413,3 +413,82 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, model_dir, da
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == len(list(lm.model.parameters()))
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_rollout_token_budget_stops_the_run_and_survives_resume(tmp_path, model_dir, data_file):
+    run_dir = tmp_path / "run"
+    overrides = [*base_overrides(model_dir, data_file, run_dir), "max_steps=50", "max_rollout_tokens=20", "save_every=1"]
+    train(load_config(None, overrides), progress=False)
+    metrics = read_metrics(run_dir)
+    generated = [m["completions/num_tokens"] for m in metrics]
+    # it stops after the first batch that brings the count to the budget, and counts every generated token
+    assert sum(generated[:-1]) < 20 <= sum(generated) == metrics[-1]["rollout_tokens"]
+    assert [m["rollout_tokens"] for m in metrics] == [sum(generated[:i + 1]) for i in range(len(generated))]
+    assert all(0 < n <= 4 * 8 for n in generated)  # 4 prompts of at most 8 new tokens
+    # a restart finds the budget spent in the checkpoint and trains no further
+    train(load_config(None, [*overrides, "resume=auto"]), progress=False)
+    assert read_metrics(run_dir) == metrics
+
+
+def test_greedy_evaluation_and_no_evaluation_at_start(tmp_path, model_dir, data_file):
+    run_dir = tmp_path / "run"
+    config = load_config(None, [*base_overrides(model_dir, data_file, run_dir, "sft"), "max_steps=2",
+                                f"eval.data={data_file}", "eval.samples=2", "eval.max_prompts=3",
+                                "eval.reward=exact_match", "eval.greedy=true", "eval.at_start=false"])
+    train(config, progress=False)
+    lines = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2]
+    assert 0 <= lines[0]["eval/greedy_pass@1"] <= 1
+
+
+def test_greedy_generation_is_the_argmax_path(model_dir):
+    from osft.config import ModelConfig, RolloutConfig
+    from osft.rollout import HFGenerateEngine
+
+    lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
+    prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6]]
+    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=6, batch_size=2))
+    torch.manual_seed(1)
+    first = engine.generate(prompts, temperature=0.0)
+    torch.manual_seed(2)
+    assert [c.token_ids for c in engine.generate(prompts, temperature=0.0)] == [c.token_ids for c in first]
+    for prompt, completion in zip(prompts, first):  # each token is the argmax given the prefix
+        ids = list(prompt)
+        for token, logprob in zip(completion.token_ids, completion.logprobs):
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([ids])).logits[0, -1].double()
+            assert token == int(logits.argmax())
+            assert logprob == pytest.approx(float(logits.log_softmax(-1)[token]), abs=1e-4)
+            ids.append(token)
+
+
+@pytest.mark.parametrize("recipe_name", ["osft", "grpo"])
+def test_truncated_completions_can_be_masked(tmp_path, model_dir, data_file, recipe_name):
+    """With rollout.mask_truncated_completions, completions cut at max_new_tokens carry no labels (GRPO
+    still counts them in their group's advantages); without it they are trained on."""
+    from osft.rollout import Completion
+
+    rows = arithmetic_rows()[:3]
+    batches = {}
+    for mask in (False, True):
+        config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, recipe_name),
+                                    "grpo.num_generations=2", f"rollout.mask_truncated_completions={str(mask).lower()}"])
+        lm = load_causal_lm(config.model, torch.device("cpu"))
+        recipe = make_recipe(config, lm)
+        eos = lm.tokenizer.eos_token_id
+        made = [Completion([5, 6, eos], [-1.0] * 3, truncated=False), Completion([7, 8, 9, 10], [-1.0] * 4, True),
+                Completion([11, eos], [-1.0] * 2, truncated=False)]
+
+        def generate(prompts, temperature, num_samples=1, made=made):
+            return [made[i % len(made)] for i in range(len(prompts) * num_samples)]
+
+        recipe.engine.generate = generate
+        batch, _ = recipe.make_batch(rows, epoch=0.0)
+        truncated = [made[i % len(made)].truncated for i in range(batch.labels.shape[0])]
+        assert (batch.labels != -100).any(1).tolist() == [not (mask and t) for t in truncated]
+        loss, _ = recipe.loss(batch, recipe.num_items(batch))
+        assert torch.isfinite(loss)
+        batches[mask] = batch
+    torch.testing.assert_close(batches[True].input_ids, batches[False].input_ids)
+    if recipe_name == "grpo":  # the masked completion still counts in its group's statistics
+        torch.testing.assert_close(batches[True].row_values["advantages"], batches[False].row_values["advantages"])

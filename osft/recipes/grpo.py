@@ -48,6 +48,8 @@ class GRPORecipe:
         batch = pack([p for p in prompts for _ in range(group)], [c.token_ids for c in completions],
                      tokenizer.pad_token_id, {"engine_logprobs": [c.logprobs for c in completions]})
         batch.row_values["advantages"] = group_advantages(reward_tensor, group, scale=grpo.scale_rewards)
+        if self.config.rollout.mask_truncated_completions:  # still part of their group's statistics
+            batch.drop_targets([c.truncated for c in completions])
         on_device = batch.to(self.lm.device)
 
         def score(model: CausalLM) -> Tensor:
@@ -68,8 +70,8 @@ class GRPORecipe:
     def num_items(self, batch: Sequences) -> float:
         agg = self.config.grpo.agg
         if agg == "token-mean":
-            return float(batch.num_targets)
-        return float(batch.num_sequences if agg != "seq-mean-token-sum-norm" else batch.labels.shape[0])
+            return float(max(batch.num_targets, 1))
+        return float(max(batch.num_sequences, 1) if agg != "seq-mean-token-sum-norm" else batch.labels.shape[0])
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         grpo, head = self.config.grpo, self.lm.head()

@@ -1,6 +1,7 @@
 """``osft``: online SFT. Each step samples one response per prompt at ``tau_s`` (annealed by
 :func:`osft_kernels.losses.sampling_temperature`) and trains on it at ``tau_t``; no reward, no
-reference model."""
+reference model. With ``rollout.mask_truncated_completions``, responses cut at ``max_new_tokens`` are
+not trained on."""
 from torch import Tensor
 
 from osft_kernels.losses import sampling_temperature
@@ -27,10 +28,12 @@ class OSFTRecipe:
         prompts = tokenize_prompts(rows, self.config.data, self.lm.tokenizer)
         completions = self.engine.generate(prompts, temperature=tau_s)
         batch = pack(prompts, [c.token_ids for c in completions], self.lm.tokenizer.pad_token_id)
+        if self.config.rollout.mask_truncated_completions:
+            batch.drop_targets([c.truncated for c in completions])
         return batch, {"tau_s": tau_s, **completion_metrics(completions)}
 
     def num_items(self, batch: Sequences) -> float:
-        return float(batch.num_targets)
+        return float(max(batch.num_targets, 1))
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         return response_nll(self.lm, micro, temperature=self.config.osft.tau_t, normalize="tokens",
