@@ -25,12 +25,18 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT / PEAR / GRPO training on fused losses")
+    # -h after a command reaches that command's parser
+    parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT / PEAR / GRPO training on fused losses",
+                                     add_help=False)
     parser.add_argument("command", choices=["train", "eval", "score", "demo"],
                         help="train: run config.recipe; eval: pass@k of model.path on eval.data; score: write "
                              "per-token response logprobs of data.train under model.path (PEAR's behavior "
                              "logprobs) into a parquet file; demo: OSFT vs GRPO from a packaged "
                              "pretrained model on the built-in math task")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
     known, rest = parser.parse_known_args(argv)
     if known.command == "demo":
         from .demo import main as demo_main

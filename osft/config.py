@@ -125,7 +125,7 @@ class Config:
     max_rollout_tokens: int = 0          # also stop after the batch where this many tokens were generated (0: no limit)
     prompts_per_step: int = 8
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 2
+    keep_last: int = 2                   # checkpoints kept (0: none are written)
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 1
     tensorboard: bool = False            # also write metrics to run_dir/tensorboard
@@ -140,13 +140,13 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
-_POSITIVE = {"epochs", "prompts_per_step", "keep_last", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
+_POSITIVE = {"epochs", "prompts_per_step", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
              "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
              "anneal_epochs", "tau_t", "max_grad_norm", "num_generations", "temperature", "num_iterations",
              "block_size", "gamma", "samples",
              "vllm_memory_fraction"}
 _NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
-                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts", "max_rollout_tokens"}
+                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts", "max_rollout_tokens", "keep_last"}
 
 
 def _convert(value, kind, key: str):

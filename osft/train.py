@@ -69,7 +69,7 @@ class Checkpoints:
     """``run_dir/checkpoints/step-NNNNNN``: safetensors weights and tokenizer (loadable with
     ``from_pretrained``) plus optimizer, scheduler, RNG states, step and data position. Written to a
     temporary directory and renamed, so a killed run never leaves a partial checkpoint; the last
-    ``keep_last`` are kept."""
+    ``keep_last`` are kept (with 0, none is written)."""
 
     def __init__(self, run_dir: Path, keep_last: int):
         self.root = run_dir / "checkpoints"
@@ -250,7 +250,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
                     run_evaluation(step, bar)
                 save_due = save_due or bool(config.save_every and step % config.save_every == 0)
                 # checkpoints are taken between batches (a batch may serve several updates), and at the end
-                if (save_due and updates_left == 0) or last:
+                if config.keep_last and ((save_due and updates_left == 0) or last):
                     checkpoints.save(lm, optimizer, scheduler, step, position, rollout_tokens)
                     save_due = False
     finally:

@@ -2,6 +2,7 @@
 packaged SmolLM2-135M-Instruct; and the packaged-model resolver."""
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def check_outputs(run_dir: Path, results: dict, *, ablation: bool) -> None:
     assert (run_dir / "table.md").read_text() == format_table(results) + "\n"
     names = ["base", "osft", "grpo"] + (["osft_coupled"] if ablation else [])
     assert list(results["recipes"]) == names
+    assert not list(run_dir.glob("*/checkpoints"))  # the demo keeps no multi-GB checkpoints
     base = results["recipes"]["base"]["final"]
     for name in names[1:]:
         entry = results["recipes"][name]
@@ -89,6 +91,17 @@ def test_demo_command_on_the_packaged_model(tmp_path):
     config = json.loads((cached / "config.json").read_text())
     assert config["vocab_size"] == 49152 and config["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in config
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--train-prompts", "0", "--train-prompts must be >= 1"), ("--num-generations", "1", "--num-generations must be >= 2"),
+    ("--tau-s", "1.5", r"--tau-s must be in \(0, 1\]"), ("--lr", "0", "--lr must be a finite number > 0"),
+    ("--eval-every", "-1", "--eval-every must be >= 0")])
+def test_demo_refuses_bad_flags(flag, value, message):
+    result = subprocess.run([sys.executable, "-m", "osft", "demo", flag, value], capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
 
 
 def test_resolver_passes_other_values_through(tmp_path):
