@@ -127,7 +127,7 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
 
     results = {"settings": asdict(settings), "device": device.type, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "loss_backend": backend, "recipes": {}}
-    base_config = recipe_config(settings, "base", model_path, task_dir)
+    base_config = recipe_config(settings, "osft", model_path, task_dir, run_dir=str(run_dir / "base"))
     phase = time.perf_counter()
     seed_everything(settings.seed)
     lm = load_causal_lm(base_config.model, device)
@@ -154,7 +154,9 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     run("osft", recipe_config(settings, "osft", model_path, task_dir))
     group_prompts = max(1, settings.prompts_per_step // settings.num_generations)
     run("grpo", recipe_config(settings, "grpo", model_path, task_dir, prompts_per_step=group_prompts,
-                              max_steps=math.ceil(settings.train_prompts / group_prompts),
+                              # a cap only: the token budget ends the run (unless GRPO's responses are
+                              # num_generations times shorter than OSFT's)
+                              max_steps=math.ceil(settings.train_prompts * settings.num_generations / group_prompts),
                               max_rollout_tokens=results["recipes"]["osft"]["rollout_tokens"]))
     if settings.ablation:
         run("osft_coupled", recipe_config(settings, "osft", model_path, task_dir, run_dir=str(run_dir / "osft_coupled"),
