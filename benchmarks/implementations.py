@@ -110,6 +110,17 @@ def liger(op, hidden, weight, targets, upstream):
     return _with_grads(op, hidden, weight, upstream, lambda: loss(weight, hidden, targets))
 
 
+def gemm_ceiling(op, hidden, weight, targets, upstream):
+    """Not a loss: the op's GEMMs alone in the input dtype (the logits product and, when trained, the
+    two gradient products with the logits standing in for their gradient): the time a fused
+    implementation can at best approach. Not checked against float64."""
+    with torch.no_grad():
+        logits = hidden @ weight.T
+        if op == "logprobs_forward":
+            return (logits[:, 0].float(),)
+        return logits[:, 0].float(), logits @ weight, logits.T @ hidden
+
+
 def ours(backend: str):
     def run(op, hidden, weight, targets, upstream):
         def forward():
@@ -131,7 +142,9 @@ IMPLEMENTATIONS = {
     "cce_torch_compile": _cce("torch_compile"),
     "ours_torch": ours("torch"),
     "ours_triton": ours("triton"),
+    "gemm_ceiling": gemm_ceiling,
 }
+CEILINGS = {"gemm_ceiling"}
 CE_ONLY = {"torch_native", "liger"}
 NO_ENTROPY = {"cce", "cce_torch_compile"}
 NEEDS_CUDA = {"liger": "Liger-Kernel's kernels are Triton: CUDA only",
@@ -147,6 +160,8 @@ def unavailable(name: str, op: str, device: torch.device) -> str | None:
         return "cross-entropy only"
     if name in NO_ENTROPY and op == "logprobs_entropy":
         return "no entropy output"
+    if name == "torch_native" and not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
     if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None:
         return f"{PACKAGES[name]} is not installed (pip install '.[bench]')"
     if name in NEEDS_CUDA and device.type != "cuda":

@@ -44,20 +44,22 @@ def _peak_tflops(info) -> float | None:
 
 
 def table(rows: dict[str, dict], peak_tflops: float | None) -> list[str]:
-    naive = rows.get("naive")
-    lines = ["| implementation | time (s) | vs naive | peak above inputs (MiB) | vs naive | gradients (MiB) "
-             "| working (MiB) | vs naive | TFLOP/s | % of peak |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    naive, gemms = rows.get("naive"), rows.get("gemm_ceiling")
+    lines = [("| implementation | time (s) | vs naive | vs GEMMs | peak above inputs (MiB) | vs naive "
+              "| gradients (MiB) | working (MiB) | vs naive | TFLOP/s | % of peak |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in sorted(rows.items(), key=lambda item: (item[0] != "naive", item[1]["time"])):
         if row["mismatch"]:
-            lines.append(f"| {name} | mismatch: {row['mismatch']} (not timed) | | | | | | | | |")
+            lines.append(f"| {name} | mismatch: {row['mismatch']} (not timed) | | | | | | | | | |")
             continue
         working = row["peak"] - row["gradients"]
         ratio = (lambda ours, base: f"{ours / base:.2f}x" if naive and base else "-")
+        vs_gemms = f"{row['time'] / gemms['time']:.2f}x" if gemms else "-"
         tflops = row["flops"] / row["time"] / 1e12
         share = f"{100 * tflops / peak_tflops:.0f}%" if peak_tflops else "n/a"
         lines.append(
-            f"| {name} | {row['time']:.3f} | {ratio(row['time'], naive['time'] if naive else 0)} "
+            f"| {name} | {row['time']:.4f} | {ratio(row['time'], naive['time'] if naive else 0)} "
+            f"| {vs_gemms} "
             f"| {row['peak'] / MIB:.0f} | {ratio(row['peak'], naive['peak'] if naive else 0)} "
             f"| {row['gradients'] / MIB:.0f} | {working / MIB:.0f} "
             f"| {ratio(working, naive['peak'] - naive['gradients'] if naive else 0)} | {tflops:.3f} | {share} |")
@@ -88,7 +90,7 @@ def targets(groups) -> list[str]:
     return lines + [""]
 
 
-def write_markdown(info, groups, path: Path, plot_name: str) -> None:
+def write_markdown(info, groups, path: Path, plot_name: str | None) -> None:
     some = next(iter(next(iter(groups.values())).values()))
     lines = [f"# Kernel benchmarks: {info['device_name']}", "",
              f"- device: {info['device_name']}; dtype {info['dtype'].removeprefix('torch.')}; "
@@ -102,11 +104,13 @@ def write_markdown(info, groups, path: Path, plot_name: str) -> None:
              + (" Measured from the CPU allocator's events (`torch.profiler`, `profile_memory=True`)."
                 if info["device"] == "cpu" else " `torch.cuda.max_memory_allocated`."),
              "- every implementation's outputs and gradients were checked against float64 on the first 256 "
-             "tokens before it was timed."]
+             "tokens before it was timed, except `gemm_ceiling`: the same shape's GEMMs alone in the input dtype "
+             "(the logits product, and the two gradient products when trained), computing no loss; `vs GEMMs` "
+             "is the time over it."]
     if info["device"] == "cpu":
         lines.append("- **CPU run**: tokens and hidden size are scaled down from GPU shapes so the whole run "
                      "takes minutes on 2 cores; GPU-only implementations are listed below, not timed.")
-    lines += ["", *targets(groups), f"![time and memory vs vocabulary size]({plot_name})", ""]
+    lines += ["", *targets(groups), *([f"![time and memory vs vocabulary size]({plot_name})", ""] if plot_name else [])]
     peak_tflops = _peak_tflops(info)
     for (op, n, d, v, dtype), rows in sorted(groups.items(), key=lambda item: (item[0][1:4], item[0][0])):
         lines += [f"## {op}: N={n}, D={d}, V={v}, {dtype.removeprefix('torch.')}", "", *table(rows, peak_tflops)]
@@ -117,7 +121,8 @@ def write_markdown(info, groups, path: Path, plot_name: str) -> None:
     path.write_text("\n".join(lines))
 
 
-def write_plot(groups, path: Path) -> None:
+def write_plot(groups, path: Path) -> bool:
+    """Time and memory against V for every (op, N, D) measured at several V; False when there is none."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,7 +134,7 @@ def write_plot(groups, path: Path) -> None:
                 sweeps[(op, n, d, dtype)][name].append((v, row["time"], row["peak"] / MIB))
     sweeps = {key: lines for key, lines in sweeps.items() if len({v for pts in lines.values() for v, _, _ in pts}) > 1}
     if not sweeps:
-        return
+        return False
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 3.6 * len(sweeps)), squeeze=False)
     for row_axes, ((op, n, d, dtype), lines) in zip(axes, sorted(sweeps.items())):
         for name, points in sorted(lines.items()):
@@ -145,6 +150,12 @@ def write_plot(groups, path: Path) -> None:
         row_axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
+
+
+def _slug(device_name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"nvidia-h200"``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in device_name.lower()).split())
 
 
 def main() -> None:
@@ -157,12 +168,12 @@ def main() -> None:
     if not groups:
         raise SystemExit(f"{args.results} holds no benchmarks")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = args.name or info["device"]
+    name = args.name or (info["device"] if info["device"] == "cpu" else _slug(info["device_name"]))
     if args.results.resolve() != (args.out / f"{name}.json").resolve():
         shutil.copyfile(args.results, args.out / f"{name}.json")
-    write_plot(groups, args.out / f"{name}.png")
-    write_markdown(info, groups, args.out / f"{name}.md", f"{name}.png")
-    print(f"wrote {args.out / name}.md, .png and .json")
+    plotted = write_plot(groups, args.out / f"{name}.png")
+    write_markdown(info, groups, args.out / f"{name}.md", f"{name}.png" if plotted else None)
+    print(f"wrote {args.out / name}.md{', .png' if plotted else ''} and .json")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ One pytest-benchmark group per (operation, shape, dtype), one benchmark per impl
 
 1. correctness guard: on the first 256 tokens of the benchmark inputs (full D and V) its outputs
    and gradients are compared with a float64 evaluation; a mismatch is recorded as such and the
-   implementation is not timed;
+   implementation is not timed (``gemm_ceiling``, the bare GEMMs, computes no loss and is not checked);
 2. one warm-up call at the full shape (compilation, autotuning, allocator) during which the peak
    memory above the inputs is measured: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the
    allocator's events recorded by ``torch.profiler(profile_memory=True)``, summed in time order (a
@@ -18,14 +18,14 @@ The report splits the peak memory into the returned gradients and the working me
 """
 import importlib.metadata
 import os
-import platform
 import warnings
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.implementations import FLOPS_PER_NDV, IMPLEMENTATIONS, OPS, unavailable
+from benchmarks.implementations import CEILINGS, FLOPS_PER_NDV, IMPLEMENTATIONS, OPS, unavailable
+from osft_kernels.device_info import describe
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -37,8 +37,9 @@ if os.environ.get("BENCH_SMOKE") == "1":
     # a seconds-long run of the whole harness, for checking it works
     MAIN, SWEEP = [(256, 64, 1000)], [(256, 64, 1000), (256, 64, 3001)]
 elif DEVICE.type == "cuda":
-    # real heads: Llama-3 8B, Qwen2.5-7B, Gemma-2 2B, Qwen3.5, SmolLM2; and a vocabulary sweep
-    MAIN = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 2304, 256000), (8192, 2048, 248320),
+    # real heads: Llama-3 8B (Liger's anchor shape), Qwen3.5 (Cut Cross-Entropy's via TRL), Gemma-2 2B,
+    # Qwen2.5-7B, SmolLM2; and a vocabulary sweep
+    MAIN = [(16384, 4096, 128256), (16384, 2048, 248320), (8192, 2304, 256000), (8192, 3584, 152064),
             (16384, 576, 49152)]
     SWEEP = [(8192, 2048, v) for v in (32000, 65536, 128256, 262144)]
 else:
@@ -51,16 +52,7 @@ CASES = [(op, shape) for shape in MAIN for op in OPS] + [(op, shape) for shape i
 
 def environment() -> dict:
     """The device and the versions of everything compared, for the report's header."""
-    if DEVICE.type == "cuda":
-        device = torch.cuda.get_device_name(DEVICE)
-    else:
-        device = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            device = f"CPU {model}, {torch.get_num_threads()} threads"
-        except (OSError, StopIteration):
-            pass
+    device = describe(DEVICE)
     versions = {"torch": torch.__version__}
     for package in ("triton", "liger-kernel", "cut-cross-entropy", "osft-kernels"):
         try:
@@ -134,7 +126,7 @@ def test_kernel(benchmark, op, shape, name):
                                 unavailable={other: why for other in IMPLEMENTATIONS
                                              if (why := unavailable(other, op, DEVICE))})
     inputs = make_inputs(n, d, v)
-    mismatch = guard(name, op, inputs)
+    mismatch = None if name in CEILINGS else guard(name, op, inputs)
     if mismatch:
         benchmark.extra_info["mismatch"] = mismatch
         benchmark.pedantic(lambda: None, rounds=1)  # recorded for the report, not timed

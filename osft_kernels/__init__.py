@@ -1,5 +1,5 @@
 """Fused linear logprobs / entropy / cross-entropy for LLM post-training, without full-vocab logits."""
-from .api import LogProbs, linear_cross_entropy, linear_logprobs
+from .api import LogProbs, linear_cross_entropy, linear_logprobs, linear_token_loss
 
-__all__ = ["LogProbs", "linear_cross_entropy", "linear_logprobs"]
+__all__ = ["LogProbs", "linear_cross_entropy", "linear_logprobs", "linear_token_loss"]
 __version__ = "0.1.0"

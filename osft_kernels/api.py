@@ -39,8 +39,7 @@ def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, 
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float | Tensor = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     return_entropy: bool = False, shift: bool = False, backend: str = "auto",
-                    memory_budget: int | None = None, filter_eps: float | str = "auto",
-                    deterministic: bool = False) -> LogProbs:
+                    memory_budget: int | None = None) -> LogProbs:
     """Log-probabilities of ``targets`` (and the softmax entropy) under ``softmax(z)``.
 
     Args:
@@ -52,19 +51,18 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
         return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
         shift: position t predicts target t+1 along the last dim; the last position is dropped.
         backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, else
-            ``"torch"``), ``"triton"`` (fused kernels), ``"torch"`` (chunked) or ``"reference"``
-            (materializes logits).
-        memory_budget: bytes of chunk work buffers for the torch backend (default 128 MiB).
-        filter_eps: triton backward only: skip vocabulary tiles whose gradient mass is below
-            ``filter_eps`` of the row's (``"auto"``: ``finfo(hidden.dtype).eps / 32``; 0: exact).
-        deterministic: triton backward only: bitwise reproducible gradients (no float atomics;
-            a backward of 8NDV instead of 6NDV). The other backends are always deterministic.
+            ``"torch"``), ``"triton"`` (cuBLAS GEMMs with Triton epilogues; a fused Triton kernel
+            when no gradient is wanted), ``"torch"`` (the same chunked driver with PyTorch
+            epilogues) or ``"reference"`` (materializes logits).
+        memory_budget: bytes of logits chunk buffers of the chunked backends (default 128 MiB on
+            CPU, 1 GiB on CUDA); larger chunks mean fewer, larger GEMMs.
 
     Backward accepts any upstream gradient on ``logprobs`` and ``entropy`` and returns gradients
-    for ``hidden``, ``weight`` and ``bias`` in their dtype.
+    for ``hidden``, ``weight`` and ``bias`` in their dtype (recomputing the logits: 8NDV FLOPs in
+    all); gradients are deterministic on every backend.
     """
     inputs.check_flag("return_entropy", return_entropy)
-    options = inputs.backend_options(memory_budget, filter_eps, deterministic)
+    options = inputs.backend_options(memory_budget)
     rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     stats = RowStats.of(resolve_backend(backend, hidden.device).row_stats(
         rows, weight, bias, softcap, entropy=return_entropy, mean=False, options=options))
@@ -76,8 +74,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                          weights: Tensor | None = None, temperature: float | Tensor = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
-                         backend: str = "auto", memory_budget: int | None = None,
-                         filter_eps: float | str = "auto", deterministic: bool = False) -> Tensor:
+                         backend: str = "auto", memory_budget: int | None = None) -> Tensor:
     """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
 
         (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - mean_j z_j) + z_loss * lse**2
@@ -87,13 +84,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     non-ignored tokens; 0 with zero gradients when every token is ignored). Other arguments as in
     :func:`linear_logprobs`. Returns float32 (float64 for float64 inputs).
 
-    With ``"sum"``/``"mean"`` and gradients enabled, backends that support it form the gradients
+    With ``"sum"``/``"mean"`` and gradients enabled, the chunked backends form the gradients
     during the forward pass (6NDV FLOPs instead of 8NDV) and keep ``d_hidden`` and ``d_weight``
-    until backward.
+    in float32 until backward.
     """
     inputs.check_label_smoothing(label_smoothing)
     inputs.check_z_loss(z_loss)
-    options = inputs.backend_options(memory_budget, filter_eps, deterministic)
+    options = inputs.backend_options(memory_budget)
     if reduction not in inputs.REDUCTIONS:
         raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
     rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights)
@@ -108,9 +105,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             token_weight = token_weight / max(n, 1)
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias))
-        if wants_grad and hasattr(impl, "summed_cross_entropy"):
-            return impl.summed_cross_entropy(rows, weight, bias, softcap, token_weight, label_smoothing, z_loss,
-                                             options=options)
+        if wants_grad and hasattr(impl, "summed_loss"):
+            def token_loss(stats: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+                return token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss) * token_weight[r0:r1]
+
+            return impl.summed_loss(rows, weight, bias, softcap, token_loss, entropy=False, mean=label_smoothing > 0,
+                                    options=options)[0]
 
     stats = RowStats.of(impl.row_stats(rows, weight, bias, softcap, entropy=False, mean=label_smoothing > 0,
                                        options=options))
@@ -118,3 +118,46 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     if reduction == "none":
         return rows.scatter(loss if rows.weights is None else loss * rows.weights)
     return (loss * token_weight).sum()
+
+
+def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_loss, *, return_entropy: bool = False,
+                      bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
+                      ignore_index: int = -100, shift: bool = False, backend: str = "auto",
+                      memory_budget: int | None = None) -> tuple[Tensor, LogProbs]:
+    """``sum_t token_loss(logprobs_t, entropy_t)`` over the non-ignored (shifted) target tokens, with the
+    gradients formed during the forward pass on the chunked backends: 6NDV FLOPs where
+    :func:`linear_logprobs` followed by the same loss in PyTorch takes 8NDV.
+
+    ``token_loss(logprobs [r], entropy [r] | None, index [r]) -> [r]`` gives the losses of ``r`` tokens
+    (float32; ``entropy`` when ``return_entropy``); ``index`` holds their positions in the flattened
+    ``logprobs`` grid (shaped like the shifted targets), for gathering per-token values such as
+    advantages or loss weights. It is called once per token chunk, must treat tokens independently,
+    and may depend only on values fixed before the call (no gradient flows into them).
+
+    Returns the float32 scalar loss and the detached :class:`LogProbs` of every token (0 at ignored
+    positions). Other arguments as in :func:`linear_logprobs`.
+    """
+    if not callable(token_loss):
+        raise TypeError(f"token_loss must be callable, got {type(token_loss).__name__}")
+    inputs.check_flag("return_entropy", return_entropy)
+    options = inputs.backend_options(memory_budget)
+    rows = _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
+    impl = resolve_backend(backend, hidden.device)
+    positions = (rows.out_index if rows.out_index is not None
+                 else torch.arange(rows.targets.shape[0], device=rows.targets.device))
+
+    def loss_of_stats(stats: Tensor, r0: int, r1: int) -> Tensor:
+        row = RowStats.of(stats)
+        return token_loss(token_logprobs(row), row.entropy if return_entropy else None, positions[r0:r1])
+
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants_grad and hasattr(impl, "summed_loss"):
+        loss, stats = impl.summed_loss(rows, weight, bias, softcap, loss_of_stats, entropy=return_entropy,
+                                       mean=False, options=options)
+    else:
+        stats = impl.row_stats(rows, weight, bias, softcap, entropy=return_entropy, mean=False, options=options)
+        loss = loss_of_stats(stats, 0, rows.targets.shape[0]).sum()
+        stats = stats.detach()
+    row = RowStats.of(stats)
+    entropy = rows.scatter(row.entropy) if return_entropy else None
+    return loss, LogProbs(rows.scatter(token_logprobs(row)), entropy)

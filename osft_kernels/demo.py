@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import linear_cross_entropy, linear_logprobs
+from .device_info import describe
 from .memory import PeakMemory
 
 
@@ -64,8 +65,7 @@ def main(argv=None) -> int:
     targets = torch.randint(0, v, (n,), generator=gen)
     upstream = (torch.randn(n, generator=gen), torch.randn(n, generator=gen))
 
-    device = "CPU" if hidden.device.type == "cpu" else str(hidden.device)
-    print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, float32")
+    print(f"device: {describe(hidden.device)}, torch {torch.__version__}, float32")
     print(f"tokens N={n}, hidden D={d}, vocab V={v}; full logits would be {n * v * 4 / 2**20:.0f} MiB\n")
     print(f"{'operation':<26}{'implementation':<16}{'value':>14}{'max |d grad|':>14}{'time s':>9}{'peak MiB':>10}")
     ok = True

@@ -142,22 +142,17 @@ def check_flag(name: str, value) -> None:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Backend-specific keywords. ``memory_budget`` (bytes) sizes the torch backend's chunks;
-    ``filter_eps`` (``"auto"`` or a float >= 0) and ``deterministic`` steer the triton backward.
-    The reference and torch backends are exact and deterministic and ignore the last two."""
+    """Backend keywords: ``memory_budget``, bytes of logits chunk buffers of the chunked backends (None:
+    their default; 0: none, which only the triton backend's fused forward can do, without gradients)."""
 
     memory_budget: int | None = None
-    filter_eps: float | str = "auto"
-    deterministic: bool = False
 
 
-def backend_options(memory_budget, filter_eps, deterministic) -> BackendOptions:
-    if not (filter_eps == "auto" if isinstance(filter_eps, str) else
-            is_finite_number(filter_eps) and filter_eps >= 0):
-        raise ValueError(f"filter_eps must be 'auto' or a finite float >= 0 (0 disables filtering), "
-                         f"got {filter_eps!r}")
-    check_flag("deterministic", deterministic)
-    return BackendOptions(memory_budget, filter_eps, deterministic)
+def backend_options(memory_budget) -> BackendOptions:
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 0):
+        raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
+    return BackendOptions(memory_budget)
 
 
 @dataclass

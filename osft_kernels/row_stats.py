@@ -50,16 +50,14 @@ def token_cross_entropy(stats: RowStats, label_smoothing: float, z_loss: float) 
     return loss
 
 
-def cross_entropy_stat_grads(stats: Tensor, token_weight: Tensor, label_smoothing: float,
-                             z_loss: float) -> tuple[Tensor, Tensor]:
-    """Gradient of ``sum_i token_weight_i * token_cross_entropy_i`` with respect to ``stats``.
+def stat_grads(loss_of_stats, stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Value and gradient of the scalar ``loss_of_stats(stats).sum()`` with respect to ``stats [n, 4]``.
 
-    Used by backends that form the logit gradient during the forward pass; it differentiates the
-    same formula as :func:`token_cross_entropy` instead of restating its derivative.
-    Returns ``(weighted loss sum [], d_stats [n, 4])``.
+    Used by backends that form the logit gradient during the forward pass: they differentiate the
+    loss formula itself instead of restating its derivative. Returns ``(loss [], d_stats [n, 4])``.
     """
     with torch.enable_grad():
         leaf = stats.detach().requires_grad_(True)
-        loss = (token_cross_entropy(RowStats.of(leaf), label_smoothing, z_loss) * token_weight).sum()
-        (grad,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), grad
+        loss = loss_of_stats(leaf).sum()
+        grad = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
+    return loss.detach(), torch.zeros_like(leaf) if grad is None else grad

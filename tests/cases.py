@@ -84,7 +84,7 @@ def assert_close(actual, expected, *, rtol, atol_rel, what):
 def assert_grads_close(actual, expected, dtype, what, bf16_tolerance=BF16_GRAD_TOLERANCE):
     for name, a, e in zip(("hidden", "weight", "bias"), actual, expected):
         assert a.dtype == dtype, f"{what}: d{name} dtype {a.dtype}"
-        if dtype == torch.bfloat16:
+        if dtype in (torch.bfloat16, torch.float16):
             assert_close(a, e, **bf16_tolerance, what=f"{what} d{name}")
         else:
             assert_close(a, e, rtol=1e-4, atol_rel=1e-5, what=f"{what} d{name}")

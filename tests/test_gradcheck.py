@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
-from osft_kernels.backends.torch_chunked import ROW_ALIGN, VOCAB_BLOCK
+from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK
 
 BACKENDS = {"reference": {"backend": "reference"}, "torch": {"backend": "torch"},
             "torch-vocab-chunks": {"backend": "torch", "memory_budget": 3 * 8 * ROW_ALIGN * VOCAB_BLOCK}}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
-from osft_kernels.backends.torch_chunked import ROW_ALIGN, VOCAB_BLOCK
+from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK
 
 V, D = 2 * VOCAB_BLOCK + 907, 64
 # default; 32 rows x full vocabulary; 16 rows x one vocabulary block per chunk

@@ -5,7 +5,7 @@ import torch
 from cases import FEATURES, check_cross_entropy, check_logprobs_and_entropy, make_case
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
-from osft_kernels.backends.torch_chunked import ROW_ALIGN, VOCAB_BLOCK
+from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK
 
 # (leading dims, D, V): no dimension is a multiple of a block size, V = 1 and V < block included
 SHAPES = [((37,), 16, 1), ((29,), 24, 7), ((3, 41), 33, 1000), ((2, 35), 20, 32003), ((1,), 9, 1000)]

@@ -1,9 +1,10 @@
 """Backends compute the row statistics of :mod:`osft_kernels.row_stats` for a batch of token rows.
 
 Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, options)``;
-a backend that can form cross-entropy gradients during the forward pass also provides
-``summed_cross_entropy``. The triton backend is imported only when it is used, so ``osft_kernels``
-works without triton installed.
+the chunked ones (``torch``, ``triton``: the driver of :mod:`osft_kernels.driver` with their own
+epilogue) also provide ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean,
+options)``, which forms the gradients of a sum of per-token losses during the forward pass. The
+triton backend is imported only when it is used, so ``osft_kernels`` works without triton installed.
 """
 import importlib
 import importlib.util
@@ -33,14 +34,13 @@ def _triton_backend(device: torch.device) -> ModuleType:
     if device.type != "cuda" and not interpreting:
         raise ValueError(f"backend 'triton' needs CUDA tensors, got {device} tensors "
                          f"(set TRITON_INTERPRET=1 before importing osft_kernels to run it on CPU tensors)")
-    return importlib.import_module(".triton_fused", __name__)
+    return importlib.import_module(".triton_chunked", __name__)
 
 
 def resolve_backend(name, device: torch.device) -> ModuleType:
     """The backend module for ``name`` and tensors on ``device``.
 
-    ``"auto"``: the triton kernels for CUDA tensors when triton is installed, else the chunked
-    torch backend.
+    ``"auto"``: the triton backend for CUDA tensors when triton is installed, else the torch backend.
     """
     if name == "auto":
         return _triton_backend(device) if device.type == "cuda" and triton_installed() else torch_chunked

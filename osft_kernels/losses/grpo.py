@@ -3,13 +3,14 @@ clip-higher, dual clip, Dr. GRPO aggregation, KL to a reference, entropy bonus, 
 importance sampling), and a fused one-call version from hidden states.
 """
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from ..api import linear_logprobs
+from ..api import linear_token_loss
 from ..inputs import is_finite_number
-from .aggregation import aggregate, check_mask
+from .aggregation import aggregate, aggregation_weights, check_mask
 from .sft import target_mask
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -142,63 +143,22 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     """
     if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
         raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
-    old_logprobs = logprobs.detach() if old_logprobs is None else \
-        _check_like("old_logprobs", old_logprobs, logprobs).detach()
     mask = check_mask(mask, logprobs)
-    if not isinstance(advantages, Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if advantages.shape == logprobs.shape[:-1]:
-        advantages = advantages.unsqueeze(-1)
-    elif advantages.shape != logprobs.shape:
-        raise ValueError(f"advantages must have shape {tuple(logprobs.shape[:-1])} (per sequence) or "
-                         f"{tuple(logprobs.shape)} (per token), got {tuple(advantages.shape)}")
-    advantages = advantages.detach().to(logprobs.device, logprobs.dtype)
-    _check_number("clip_low", clip_low, low=0.0)
-    _check_number("clip_high", clip_high, low=0.0)
-    if clip_low >= 1:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    _check_number("dual_clip", dual_clip, allow_none=True)
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
-    _check_number("kl_coef", kl_coef, low=0.0)
-    _check_number("entropy_coef", entropy_coef)
-    if kl_coef and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    terms = _policy_terms(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                          dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                          entropy_coef=entropy_coef, is_weights=is_weights)
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
-    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
-        if not bool(torch.isfinite(value.expand_as(logprobs)[mask]).all()):
-            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
-
     # values at masked tokens never matter; zero them so no inf/NaN there can reach a gradient
     logprobs = torch.where(mask, logprobs, 0.0)
-    old_logprobs = torch.where(mask, old_logprobs, 0.0)
-    advantages = torch.where(mask, advantages, 0.0)
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    token_loss = torch.maximum(unclipped, clipped)
-    metrics = {}
-    if dual_clip is not None:
-        bound = -advantages * dual_clip
-        dual = (advantages < 0) & (token_loss > bound)
-        token_loss = torch.where(advantages < 0, torch.minimum(token_loss, bound), token_loss)
-        metrics["dual_clip_frac"] = dual
-    if is_weights is not None:
-        token_loss = token_loss * torch.where(mask, _check_like("is_weights", is_weights, logprobs).detach(), 0.0)
-    if ref_logprobs is not None:
-        ref_logprobs = torch.where(mask, _check_like("ref_logprobs", ref_logprobs, logprobs).detach(), 0.0)
-        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
-        token_loss = token_loss + kl_coef * kl
-        metrics["kl"] = kl
     if entropy is not None:
         entropy = torch.where(mask, _check_like("entropy", entropy, logprobs), 0.0)
-        token_loss = token_loss - entropy_coef * entropy
-        metrics["entropy"] = entropy
+    token_loss, parts = _token_policy_loss(logprobs, entropy, terms)
     loss = aggregate(token_loss, mask, agg, num_items=num_items, norm_length=norm_length)
 
     with torch.no_grad():
+        log_ratio, ratio, advantages = parts.pop("log_ratio"), parts.pop("ratio"), terms.advantages
+        metrics = dict(parts)
         metrics["clip_frac_low"] = (advantages < 0) & (ratio < 1 - clip_low)
         metrics["clip_frac_high"] = (advantages > 0) & (ratio > 1 + clip_high)
         metrics["approx_kl"] = torch.expm1(log_ratio) - log_ratio
@@ -211,6 +171,90 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     return loss, summary
 
 
+@dataclass(frozen=True)
+class _PolicyTerms:
+    """The policy loss's per-token inputs besides the current logprobs and entropy (detached, 0 outside
+    the mask, broadcast to the token grid), and its coefficients."""
+
+    old_logprobs: Tensor | None  # None: on policy, the current logprobs
+    advantages: Tensor
+    ref_logprobs: Tensor | None
+    is_weights: Tensor | None
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    entropy_coef: float
+
+    def at(self, index: Tensor) -> "_PolicyTerms":
+        """The terms of the tokens at flat positions ``index`` of the grid: ``[r]`` tensors."""
+        pick = (lambda t: None if t is None else t.reshape(-1)[index])
+        return replace(self, old_logprobs=pick(self.old_logprobs), advantages=pick(self.advantages),
+                       ref_logprobs=pick(self.ref_logprobs), is_weights=pick(self.is_weights))
+
+
+def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_low, clip_high, dual_clip,
+                  ref_logprobs, kl_coef, kl_estimator, entropy_coef, is_weights) -> _PolicyTerms:
+    """Check the per-token inputs against the token grid ``like [..., T]`` and ``mask``; mask them."""
+    if old_logprobs is not None:
+        old_logprobs = _check_like("old_logprobs", old_logprobs, like).detach()
+    if not isinstance(advantages, Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if advantages.shape == like.shape[:-1]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != like.shape:
+        raise ValueError(f"advantages must have shape {tuple(like.shape[:-1])} (per sequence) or "
+                         f"{tuple(like.shape)} (per token), got {tuple(advantages.shape)}")
+    advantages = advantages.detach().to(like.device, like.dtype).expand(like.shape)
+    _check_number("clip_low", clip_low, low=0.0)
+    _check_number("clip_high", clip_high, low=0.0)
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
+    _check_number("dual_clip", dual_clip, allow_none=True)
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
+    _check_number("kl_coef", kl_coef, low=0.0)
+    _check_number("entropy_coef", entropy_coef)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
+        if value is not None and not bool(torch.isfinite(value[mask]).all()):
+            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
+    masked = (lambda name, t: None if t is None else torch.where(mask, _check_like(name, t, like).detach(), 0.0))
+    return _PolicyTerms(masked("old_logprobs", old_logprobs), torch.where(mask, advantages, 0.0),
+                        masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights), clip_low,
+                        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef)
+
+
+def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyTerms) -> tuple[Tensor, dict]:
+    """Per-token ``L`` of :func:`policy_loss` (elementwise), and the per-token values its metrics use."""
+    old_logprobs = logprobs.detach() if terms.old_logprobs is None else terms.old_logprobs
+    advantages = terms.advantages
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - terms.clip_low, 1 + terms.clip_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    parts = {"log_ratio": log_ratio.detach(), "ratio": ratio.detach()}
+    if terms.dual_clip is not None:
+        bound = -advantages * terms.dual_clip
+        parts["dual_clip_frac"] = (advantages < 0) & (token_loss.detach() > bound)
+        token_loss = torch.where(advantages < 0, torch.minimum(token_loss, bound), token_loss)
+    if terms.is_weights is not None:
+        token_loss = token_loss * terms.is_weights
+    if terms.ref_logprobs is not None:
+        kl = kl_penalty(logprobs, terms.ref_logprobs, terms.kl_estimator)
+        token_loss = token_loss + terms.kl_coef * kl
+        parts["kl"] = kl.detach()
+    if entropy is not None:
+        token_loss = token_loss - terms.entropy_coef * entropy
+        parts["entropy"] = entropy.detach()
+    return token_loss, parts
+
+
 def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor | None, advantages: Tensor, *,
               ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None, clip_low: float = 0.2,
               clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
@@ -218,18 +262,31 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
               norm_length: float | None = None, temperature: float | Tensor = 1.0, ignore_index: int = -100,
               bias: Tensor | None = None, softcap: float | None = None, shift: bool = False, backend: str = "auto",
               **kernel_options) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`policy_loss` of the completion tokens, straight from hidden states: one fused
-    :func:`osft_kernels.linear_logprobs` pass (with the entropy when ``entropy_coef != 0``).
+    """:func:`policy_loss` of the completion tokens, straight from hidden states, in one fused pass
+    (:func:`osft_kernels.linear_token_loss`, with the entropy when ``entropy_coef != 0``): every
+    token's loss depends only on its own logprob and entropy and on values known before the call, so
+    the chunked backends form the gradients during the forward pass (6NDV FLOPs, where logprobs and
+    then :func:`policy_loss` take 8NDV). The metrics are :func:`policy_loss`'s.
 
     The completion tokens are the non-ignored (shifted) ``targets``; ``old_logprobs``,
     ``ref_logprobs`` and ``is_weights`` are shaped like them, ``advantages`` per sequence or per
     token. Other arguments as in :func:`policy_loss` and :func:`osft_kernels.linear_logprobs`.
     """
     mask = target_mask(targets, ignore_index, shift)
-    out = linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, bias=bias,
-                          softcap=softcap, shift=shift, return_entropy=bool(entropy_coef), backend=backend,
-                          **kernel_options)
-    return policy_loss(out.logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                       dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                       entropy=out.entropy, entropy_coef=entropy_coef, agg=agg, num_items=num_items,
-                       norm_length=norm_length, is_weights=is_weights)
+    grid = torch.zeros(mask.shape, device=hidden.device)
+    terms = _policy_terms(grid, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                          dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                          entropy_coef=entropy_coef, is_weights=is_weights)
+    coef = aggregation_weights(mask, agg, num_items=num_items, norm_length=norm_length).reshape(-1)
+
+    def token_loss(logprobs: Tensor, entropy: Tensor | None, index: Tensor) -> Tensor:
+        return coef[index] * _token_policy_loss(logprobs, entropy, terms.at(index))[0]
+
+    loss, out = linear_token_loss(hidden, weight, targets, token_loss, return_entropy=bool(entropy_coef),
+                                  temperature=temperature, ignore_index=ignore_index, bias=bias, softcap=softcap,
+                                  shift=shift, backend=backend, **kernel_options)
+    _, metrics = policy_loss(out.logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                             dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                             kl_estimator=kl_estimator, entropy=out.entropy, entropy_coef=entropy_coef, agg=agg,
+                             num_items=num_items, norm_length=norm_length, is_weights=is_weights)
+    return loss, metrics

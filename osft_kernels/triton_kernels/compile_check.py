@@ -1,12 +1,13 @@
-"""Ahead-of-time compilation of every kernel and tile config for a GPU architecture, on any machine.
+"""Ahead-of-time compilation of every kernel for a GPU architecture, on any machine.
 
-``python -m osft_kernels.triton_kernels.compile_check [--arch 90 80] [--json]`` compiles each kernel
-(bfloat16 operands, every feature switched on: the largest variant) with each config of the
-architecture's autotuning list, and reports what the compiler produced: tensor-core instructions
-in the PTX (``wgmma`` on sm_90, ``mma`` on sm_80), shared memory, and registers and spills from
-``cuobjdump --dump-resource-usage`` on the cubin: ptxas places spilled registers in the stack frame,
-so ``STACK`` (plus ``LOCAL``) above zero means the config spills. No GPU is needed, but the kernels
-must not be interpreted: run it without ``TRITON_INTERPRET=1``.
+``python -m osft_kernels.triton_kernels.compile_check [--arch 80 89 90 100 120] [--json]`` compiles
+each kernel with every feature switched on (the largest variant; bfloat16 operands, and float32
+operands with 3xTF32 for the fused forward) and reports what the compiler produced: tensor-core
+instructions in the fused forward's PTX (``mma.sync`` on sm_80/89/120, ``wgmma`` on sm_90,
+``tcgen05.mma`` on sm_100), shared memory against the architecture's per-block limit, and registers
+and spills from ``cuobjdump --dump-resource-usage`` on the cubin: ptxas places spilled registers in
+the stack frame, so ``STACK`` (plus ``LOCAL``) above zero means the kernel spills. No GPU is needed,
+but the kernels must not be interpreted: run it without ``TRITON_INTERPRET=1``.
 """
 import argparse
 import json
@@ -21,19 +22,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..driver import VOCAB_BLOCK
 from . import configs
-from .backward import FUSED, OWN_COLS, OWN_ROWS, logit_grad_kernel
+from .epilogue import block_stats_kernel, logit_grad_kernel
 from .forward import merge_partials_kernel, row_partials_kernel
 
-SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes per block, H100 and A100
-TENSOR_CORE_INSTRUCTION = {90: "wgmma", 80: "mma.sync"}
+ARCHITECTURES = (80, 89, 90, 100, 120)
+# bytes of shared memory one block may use: A100, L40/RTX 4090, H100/H200, B200, RTX 5090
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+TENSOR_CORE_INSTRUCTION = {80: r"mma\.sync", 89: r"mma\.sync", 90: r"wgmma", 100: r"tcgen05\.mma",
+                           120: r"mma\.sync"}
 ALIGNED = 16  # pointers, D and the row strides are assumed 16-aligned, as Triton specializes them at run time
-
-_FEATURES = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True, "UPCAST": False,
-             "INPUT_PRECISION": "ieee"}
-_HEAD_ARGS = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
-              "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32"}
-_SIZES = {"N": "i32", "D": "i32", "V": "i32", "stride_hn": "i32", "stride_wv": "i32", "softcap": "fp32"}
+_ALIGNED_SCALARS = ("D", "stride_hn", "stride_wv", "stride_l", "stride_dz", "stride_p")
 
 
 @dataclass
@@ -61,24 +61,33 @@ class Compiled:
 
 
 def _variants(arch: int):
-    """(label, kernel, signature, constexprs, launch options) of every kernel/config pair to compile."""
-    partials = dict(_HEAD_ARGS, partials_ptr="*fp32", **_SIZES)
-    for config in configs.FORWARD_CONFIGS[arch]:
-        yield "row_partials", row_partials_kernel, partials, dict(_FEATURES, **config.kwargs), config
-    grads = dict(_HEAD_ARGS, coef_ptr="*fp32", d_hidden_ptr="*fp32", d_weight_ptr="*fp32", d_bias_ptr="*fp32",
-                 **_SIZES, filter_eps="fp32")
-    grad_flags = dict(_FEATURES, FILTER=True)
-    for config in configs.BACKWARD_CONFIGS[arch]:
-        yield "logit_grad[fused]", logit_grad_kernel, grads, dict(
-            grad_flags, MODE=FUSED, HIDDEN_GRAD=True, WEIGHT_GRAD=True, BIAS_GRAD=True, **config.kwargs), config
-    default = configs.DETERMINISTIC_BACKWARD_CONFIG[arch]
-    yield "logit_grad[own_rows]", logit_grad_kernel, grads, dict(
-        grad_flags, MODE=OWN_ROWS, HIDDEN_GRAD=True, WEIGHT_GRAD=False, BIAS_GRAD=False, **default.kwargs), default
-    yield "logit_grad[own_cols]", logit_grad_kernel, grads, dict(
-        grad_flags, MODE=OWN_COLS, HIDDEN_GRAD=False, WEIGHT_GRAD=True, BIAS_GRAD=True, **default.kwargs), default
+    """(label, kernel, signature, constexprs, launch config, has tensor cores) of every kernel to compile."""
+    half, single = configs.FORWARD_CONFIGS[arch]["half"], configs.FORWARD_CONFIGS[arch]["float32"]
+    forward = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
+               "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32", "partials_ptr": "*fp32", "N": "i32", "D": "i32",
+               "V": "i32", "stride_hn": "i32", "stride_wv": "i32", "softcap": "fp32"}
+    features = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True, "UPCAST": False}
+    yield ("row_partials[bf16]", row_partials_kernel, forward, dict(features, INPUT_PRECISION="ieee", **half.kwargs),
+           half, True)
+    fp32 = dict(forward, hidden_ptr="*fp32", weight_ptr="*fp32", bias_ptr="*fp32")
+    yield ("row_partials[fp32]", row_partials_kernel, fp32, dict(features, INPUT_PRECISION="tf32x3", **single.kwargs),
+           single, True)
     merge = {"partials_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32", "V": "i32", "num_chunks": "i32"}
-    yield "merge_partials", merge_partials_kernel, merge, {"BLOCK": 128, "MEAN": True, "ENTROPY": True}, \
-        triton.Config({}, num_warps=4, num_stages=1)
+    yield ("merge_partials", merge_partials_kernel, merge, {"BLOCK": 128, "MEAN": True, "ENTROPY": True},
+           triton.Config({}, num_warps=4, num_stages=1), False)
+    flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True}
+    stats_config, grad_config = configs.STATS_EPILOGUE, configs.GRAD_EPILOGUE
+    stats = {"logits_ptr": "*fp32", "stride_l": "i32", "bias_ptr": "*fp32", "targets_ptr": "*i64",
+             "inv_temp_ptr": "*fp32", "partials_ptr": "*fp32", "stride_p": "i32", "target_logit_ptr": "*fp32",
+             "R": "i32", "W": "i32", "v0": "i32", "softcap": "fp32"}
+    yield ("block_stats", block_stats_kernel, stats,
+           dict(flags, BLOCK=VOCAB_BLOCK, TILE=stats_config.tile, ROWS=stats_config.rows),
+           triton.Config({}, num_warps=stats_config.warps, num_stages=3), False)
+    grad = {"logits_ptr": "*fp32", "stride_l": "i32", "dz_ptr": "*bf16", "stride_dz": "i32", "bias_ptr": "*fp32",
+            "targets_ptr": "*i64", "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "R": "i32",
+            "W": "i32", "v0": "i32", "V": "i32", "softcap": "fp32"}
+    yield ("logit_grad[bf16]", logit_grad_kernel, grad, dict(flags, TILE=grad_config.tile, ROWS=grad_config.rows),
+           triton.Config({}, num_warps=grad_config.warps, num_stages=3), False)
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -91,11 +100,11 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", text)}
 
 
-def compile_kernel(arch: int, label, kernel, signature, constexprs, config) -> Compiled:
+def compile_kernel(arch: int, label, kernel, signature, constexprs, config, tensor_cores: bool) -> Compiled:
     full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
     aligned = [i for i, name in enumerate(kernel.arg_names)
                if name in full_signature and (full_signature[name].startswith("*")
-                                              or name in ("D", "stride_hn", "stride_wv"))]
+                                              or name in _ALIGNED_SCALARS)]
     source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs,
                        attrs={(i,): [["tt.divisibility", ALIGNED]] for i in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -106,7 +115,7 @@ def compile_kernel(arch: int, label, kernel, signature, constexprs, config) -> C
                     num_stages=config.num_stages, shared_bytes=compiled.metadata.shared,
                     registers=usage.get("REG", 0), spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
                     tensor_core_instructions=len(re.findall(rf"\b{TENSOR_CORE_INSTRUCTION[arch]}\b", ptx))
-                    if label != "merge_partials" else -1)
+                    if tensor_cores else -1)
 
 
 def compile_all(arch: int) -> list[Compiled]:
@@ -117,14 +126,14 @@ def compile_all(arch: int) -> list[Compiled]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_MEMORY_LIMIT), default=[90, 80])
+    parser.add_argument("--arch", type=int, nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES))
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args()
     results = [r for arch in args.arch for r in compile_all(arch)]
     if args.json:
         print(json.dumps([dict(asdict(r), problems=r.problems()) for r in results]))
         return
-    print(f"triton {triton.__version__}, bfloat16 operands, all features on")
+    print(f"triton {triton.__version__}, all features on")
     print(f"{'kernel':22} {'sm':>3} {'config':38} {'warps':>5} {'stages':>6} {'regs':>5} {'shared KiB':>10} "
           f"{'spill B':>7} {'tc instr':>8}  problems")
     for r in results:

@@ -14,7 +14,7 @@ Only ``O(n * V / chunk)`` values reach global memory.
 import triton
 import triton.language as tl
 
-from .tiles import logits_tile
+from .tiles import logits_tile, online_softmax_step
 
 NUM_PARTIALS = 4
 _PARTIALS = tl.constexpr(NUM_PARTIALS)
@@ -51,19 +51,8 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, inv_temp, D,
                         stride_hn, stride_wv, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP,
                         UPCAST, INPUT_PRECISION)
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
-        if MEAN:
-            z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        shift = m - m_new
-        alpha = tl.exp(shift)
-        z_shifted = z - m_new[:, None]
-        e = tl.exp(z_shifted)
-        if ENTROPY:
-            s = alpha * (s + shift * l) + tl.sum(e * tl.where(col_mask[None, :], z_shifted, 0.0), 1)
-        l = alpha * l + tl.sum(e, 1)
-        m = m_new
+        m, l, s, z_sum, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit,
+                                                           MEAN, ENTROPY)
 
     out = partials_ptr + chunk.to(tl.int64) * _PARTIALS * N + rows
     tl.store(out, m, mask=row_mask)

@@ -1,4 +1,4 @@
-"""Tile-level building blocks shared by the forward and backward kernels.
+"""Tile-level building blocks of the fused forward kernel (and ``tanh``, shared with the epilogues).
 
 A tile is ``BLOCK_N`` token rows by ``BLOCK_V`` vocabulary columns. Its logits are one ``tl.dot``
 per ``BLOCK_D`` slice of the hidden size (fp32 accumulation), followed by the epilogue in registers:
@@ -15,9 +15,15 @@ import triton.language as tl
 
 @triton.jit
 def tanh(x):
-    """``tanh`` from ``tl.exp`` (libdevice is not available in the interpreter)."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    """``tanh`` from ``tl.exp`` (libdevice is not available in the interpreter), within a few float32
+    ulps everywhere: its odd Taylor series through ``x^9`` below ``|x| = 0.3`` (where ``1 - e^(-2|x|)``
+    would cancel), ``(1 - e) / (1 + e)`` with ``e = e^(-2|x|)`` above."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    large = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.3, small, large)
     return tl.where(x < 0, -t, t)
 
 
@@ -52,3 +58,25 @@ def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc * inv_temp[:, None]
+
+
+@triton.jit
+def online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit, MEAN: tl.constexpr,
+                        ENTROPY: tl.constexpr):
+    """Fold a ``[ROWS, TILE]`` tile of logits ``z`` (columns ``cols``, valid where ``col_mask``) into
+    each row's running max ``m``, ``l = sum e^(z-m)``, ``s = sum e^(z-m) (z-m)`` (entropy), ``sum z``
+    (label smoothing) and target logit. Returns the five updated ``[ROWS]`` values."""
+    target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
+    if MEAN:
+        z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, 1))
+    shift = m - m_new
+    alpha = tl.exp(shift)
+    z_shifted = z - m_new[:, None]
+    e = tl.exp(z_shifted)
+    if ENTROPY:
+        # e == 0 where z is -inf (masked columns, -inf bias): those add nothing, not 0 * inf
+        s = alpha * (s + shift * l) + tl.sum(e * tl.where(e > 0, z_shifted, 0.0), 1)
+    l = alpha * l + tl.sum(e, 1)
+    return m_new, l, s, z_sum, target_logit

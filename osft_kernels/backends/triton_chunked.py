@@ -1,0 +1,144 @@
+"""Triton backend, the default for CUDA tensors: the chunked driver with Triton epilogue kernels, and
+a fused Triton forward for statistics in no memory. CPU tensors run under ``TRITON_INTERPRET=1``,
+which is how it is tested without a GPU.
+
+Chunked driver (:mod:`osft_kernels.driver`): cuBLAS computes each logits chunk in float32 from
+half-precision operands; :mod:`osft_kernels.triton_kernels.epilogue` reduces it to block statistics
+and writes the logit gradient in the input dtype over the chunk's own buffer; cuBLAS forms
+``d_hidden`` and ``d_weight`` in float32. Deterministic: no atomics.
+
+Fused forward (:mod:`osft_kernels.triton_kernels.forward`), for ``memory_budget=0`` without
+gradients: one kernel computes logits tiles with ``tl.dot`` and reduces them in registers, so no
+logits reach memory; a second merges per-chunk partials. It needs no buffer but is slower than the
+driver (on an H200 at 16384 x 4096 x 128256 in bfloat16: 1.8x the logits GEMM against 1.2x).
+float32 inputs use tensor cores: 3xTF32 (``tf32x3``, about float32 accuracy) under
+``torch.get_float32_matmul_precision() == "highest"`` (the default), TF32 otherwise.
+"""
+import torch
+from torch import Tensor
+
+from .. import driver
+from ..driver import VOCAB_BLOCK, Chunk, OutputLayer, ceil_div
+from ..inputs import BackendOptions, TokenRows
+from ..row_stats import NUM_STATS
+from ..triton_kernels import configs
+from ..triton_kernels.epilogue import block_stats_kernel, logit_grad_kernel
+from ..triton_kernels.forward import NUM_PARTIALS, merge_partials_kernel, row_partials_kernel
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MERGE_BLOCK = 128
+
+
+
+
+def check_inputs(hidden: Tensor) -> None:
+    """Float32/bfloat16/float16 CUDA tensors (of compute capability >= 8.0), or CPU tensors when the
+    interpreter is on; ``weight`` was checked to match ``hidden``'s dtype and device."""
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {hidden.dtype}; "
+                        f"use backend='torch' for float64")
+    if configs.INTERPRETING:
+        if hidden.device.type != "cpu":
+            raise ValueError(f"with TRITON_INTERPRET=1 the triton backend needs CPU tensors, got {hidden.device}")
+    elif hidden.device.type != "cuda":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {hidden.device} "
+                         f"(set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)")
+    if hidden.device.type == "cuda":
+        configs.device_arch(hidden.device)
+
+
+def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
+    """``[rows]`` float32 ``1 / temperature``."""
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature.float()).contiguous()
+    return like.new_full((rows,), 1.0 / temperature, dtype=torch.float32)
+
+
+def _flags(layer: OutputLayer, *, entropy: bool, mean: bool) -> dict:
+    return dict(HAS_BIAS=layer.bias is not None, HAS_SOFTCAP=layer.softcap is not None, MEAN=mean, ENTROPY=entropy)
+
+
+class TritonEpilogue:
+    """The :class:`osft_kernels.driver.Epilogue` as two Triton kernels; the logits buffer is the only
+    work memory (the gradient is written over it)."""
+
+    def work_bytes(self, *, entropy: bool, softcap: bool) -> int:
+        return 4
+
+    def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
+        return raw  # bias, softcap and temperature are applied by the kernels as they read
+
+    def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
+                    target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
+        r, w = z.shape
+        if r == 0:
+            return
+        config = configs.STATS_EPILOGUE
+        block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
+            z, z.stride(0), layer.bias if layer.bias is not None else z, chunk.targets,
+            _inv_temp(chunk.temperature, r, z), partials, partials.stride(0), target_logit, r, w, v0,
+            1.0 if layer.softcap is None else float(layer.softcap), BLOCK=VOCAB_BLOCK, TILE=config.tile,
+            ROWS=config.rows, **_flags(layer, entropy=entropy, mean=mean), num_warps=config.warps)
+
+    def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
+                   grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
+        r, w = z.shape
+        # the gradient row is written over the first bytes of its own logits row
+        dz = z.view(grad_dtype)[:, :w] if grad_dtype != z.dtype else z
+        if r == 0:
+            return dz
+        config = configs.GRAD_EPILOGUE
+        logit_grad_kernel[(ceil_div(r, config.rows),)](
+            z, z.stride(0), dz, dz.stride(0), layer.bias if layer.bias is not None else z, chunk.targets,
+            _inv_temp(chunk.temperature, r, z), stats.float().contiguous(), coef.float().contiguous(), r, w, v0,
+            layer.vocab_size, 1.0 if layer.softcap is None else float(layer.softcap), TILE=config.tile,
+            ROWS=config.rows, **_flags(layer, entropy=entropy, mean=mean), num_warps=config.warps)
+        return dz
+
+
+def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+                        entropy: bool, mean: bool) -> Tensor:
+    """``[n, 4]`` float32 statistics from the fused forward kernels (no logits in memory, no autograd)."""
+    hidden = rows.hidden if rows.hidden.stride(-1) == 1 else rows.hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    stats = hidden.new_zeros(n, NUM_STATS, dtype=torch.float32)
+    if n == 0:
+        return stats
+    num_chunks = ceil_div(v, configs.CHUNK_COLUMNS)
+    partials = hidden.new_empty(num_chunks * NUM_PARTIALS * n, dtype=torch.float32)
+    config = configs.forward_config(hidden.device, hidden.dtype)
+    grid = (ceil_div(n, config.kwargs["BLOCK_N"]) * num_chunks,)
+    row_partials_kernel[grid](
+        hidden, weight, bias if bias is not None else stats, rows.targets.contiguous(),
+        _inv_temp(rows.temperature, n, hidden), stats, partials, n, d, v, hidden.stride(0), weight.stride(0),
+        1.0 if softcap is None else float(softcap), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        MEAN=mean, ENTROPY=entropy, UPCAST=configs.INTERPRETING, INPUT_PRECISION=configs.input_precision(hidden.dtype),
+        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    merge_partials_kernel[(ceil_div(n, MERGE_BLOCK),)](partials, stats, n, v, num_chunks, BLOCK=MERGE_BLOCK,
+                                                       MEAN=mean, ENTROPY=entropy)
+    return stats
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
+    """``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked driver,
+    differentiable; with ``memory_budget=0`` and no gradient wanted, from the fused forward."""
+    check_inputs(rows.hidden)
+    if options.memory_budget == 0 and not _wants_grad(rows.hidden, weight, bias):
+        return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean)
+    return driver.row_stats(TritonEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+                            memory_budget=options.memory_budget)
+
+
+def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
+                entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
+    """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
+    check_inputs(rows.hidden)
+    return driver.summed_loss(TritonEpilogue(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+                              memory_budget=options.memory_budget)

@@ -1,0 +1,460 @@
+"""The chunked driver: row statistics and their gradients through vendor GEMMs and a pluggable epilogue.
+
+Every backend but ``reference`` runs this loop. It cuts the ``[n, V]`` logits into fixed-shape chunks
+(:func:`plan_chunks`), computes each chunk with one GEMM into a float32 buffer (:class:`Gemms`:
+cuBLAS on CUDA, the CPU BLAS on CPU), and hands the buffer to an :class:`Epilogue`, which reduces it
+to per-block softmax statistics or overwrites it with the logit gradient. The gradient chunk then
+feeds the two gradient GEMMs, ``d_hidden += dz @ W[chunk]`` and ``d_weight[chunk] += dz^T @ H``,
+accumulated in float32 in a fixed order: no atomics, so gradients are deterministic.
+
+Two gradient strategies:
+
+* :class:`RowStatsFunction`: forward saves only the ``[n, 4]`` statistics; backward recomputes each
+  chunk's logits for any upstream gradient on them. 2NDV + 6NDV FLOPs. Chunks are near square
+  (``rows ~ vocab``), which minimizes the float32 accumulator traffic of the backward.
+* :class:`SummedLossFunction`: for ``sum_i f_i(stats_i)`` whose per-token terms are known at forward
+  time (weighted cross-entropy, policy-gradient losses), each token chunk spans the whole vocabulary:
+  statistics, then the per-token coefficients by autograd on ``f`` (so every loss formula exists once),
+  then the logit gradient in place and both gradient GEMMs. 6NDV; backward only scales the float32
+  gradients. When the memory budget cannot hold ``ROW_ALIGN`` full rows it falls back to a statistics
+  pass followed by the recomputing backward (8NDV).
+
+Batch invariance: every logits GEMM has a row count that is a multiple of ``ROW_ALIGN`` (16; 256 on
+CUDA; the last token chunk is zero-padded) and every row reduction runs over fixed
+``VOCAB_BLOCK``-column blocks merged in block order (:func:`merge_blocks`), whatever the chunk
+sizes. Whether a row's GEMM output is then independent of the other rows is the BLAS's property:
+measured for the CPU BLAS in ``tests/test_invariance.py``, and on an H200 by ``benchmarks/gpu_checks.py``;
+cuBLAS does not promise it.
+"""
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .inputs import TokenRows, compute_dtype
+from .row_stats import ENTROPY, LSE, MEAN_LOGIT, NUM_STATS, TARGET_LOGIT, stat_grads
+
+VOCAB_BLOCK = 2048
+ROW_ALIGN = 16
+# cuBLAS picks its kernel by shape; on an H200 (cuBLAS 13) rows of products with 16 or 64 rows came out
+# differently from the same rows in 4096-row products, those with 256 or more did not
+CUDA_ROW_ALIGN = 256
+# per-block partial statistics: running max m, sum e^(z-m), sum e^(z-m) (z-m), sum z
+NUM_PARTIALS = 4
+PARTIAL_MAX, PARTIAL_SUM, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM = range(NUM_PARTIALS)
+DEFAULT_MEMORY_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+FINITE_MIN = -3.0e38  # a block max of -inf (a fully masked block) is clamped here so that z - max stays finite
+
+TokenLoss = Callable[[Tensor, int, int], Tensor]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    return DEFAULT_MEMORY_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+
+
+def row_align(device: torch.device) -> int:
+    return CUDA_ROW_ALIGN if device.type == "cuda" else ROW_ALIGN
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """``rows`` tokens (a multiple of the row alignment) by ``vocab`` columns (V or a multiple of ``VOCAB_BLOCK``)."""
+
+    rows: int
+    vocab: int
+
+    def row_ranges(self, num_rows: int) -> Iterator[tuple[int, int]]:
+        return ((r0, min(num_rows, r0 + self.rows)) for r0 in range(0, num_rows, self.rows))
+
+    def vocab_ranges(self, vocab_size: int) -> Iterator[tuple[int, int]]:
+        return ((v0, min(vocab_size, v0 + self.vocab)) for v0 in range(0, vocab_size, self.vocab))
+
+    @property
+    def entries(self) -> int:
+        return self.rows * self.vocab
+
+
+def plan_chunks(num_rows: int, vocab_size: int, *, entry_bytes: int, memory_budget: int, full_rows: bool,
+                align: int = ROW_ALIGN) -> ChunkPlan | None:
+    """The chunk shape whose buffers (``entry_bytes`` per logit) fit in ``memory_budget`` bytes.
+
+    ``full_rows``: chunks span the whole vocabulary (None if not even ``align`` rows fit); otherwise
+    near-square chunks. The shape depends on V and the budget, never on ``num_rows`` (which only
+    caps the row count at the padded batch). Row counts are multiples of ``align``.
+    """
+    minimum = entry_bytes * align * min(vocab_size, VOCAB_BLOCK)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < minimum:
+        raise ValueError(f"memory_budget must be None or an int of at least {minimum} bytes for V={vocab_size} "
+                         f"(or 0 with backend='triton' and no gradients: the fused forward), got {memory_budget!r}")
+    entries = memory_budget // entry_bytes
+    if full_rows:
+        if entries < align * vocab_size:
+            return None
+        vocab = vocab_size
+    else:
+        side = max(VOCAB_BLOCK, math.isqrt(entries) // VOCAB_BLOCK * VOCAB_BLOCK)
+        vocab = min(vocab_size, side)
+    rows = entries // vocab // align * align
+    return ChunkPlan(min(rows, ceil_div(max(num_rows, 1), align) * align), vocab)
+
+
+class Gemms:
+    """The driver's three products through the vendor BLAS, in one dtype policy.
+
+    Half-precision inputs on CUDA stay half precision as GEMM operands (tensor cores) with float32
+    output and accumulation; the logit gradient is written in the input dtype too. Elsewhere the
+    operands are the compute dtype (float32, float64 for float64 inputs), because CPU BLAS has no
+    half x half -> float32 product. float32 inputs on CUDA follow ``torch.backends.cuda.matmul``
+    (``torch.set_float32_matmul_precision``): exact float32 by default, TF32 when allowed.
+    float16 gradients are scaled by a power of two per chunk so that small entries do not underflow.
+    """
+
+    def __init__(self, input_dtype: torch.dtype, device: torch.device):
+        half = input_dtype in (torch.bfloat16, torch.float16)
+        self.mixed = half and device.type == "cuda"
+        self.operand_dtype = input_dtype if self.mixed else compute_dtype(input_dtype)
+        self.grad_dtype = self.operand_dtype
+        self.scaled = self.grad_dtype == torch.float16
+
+    def logits(self, out: Tensor, hidden: Tensor, weight: Tensor) -> Tensor:
+        """``out [r, w] = hidden [r, D] @ weight [w, D]^T`` in float32 (the compute dtype)."""
+        if self.mixed:
+            return torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+        return torch.mm(hidden, weight.t(), out=out)
+
+    def accumulate(self, acc: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+        """``acc += alpha * a @ b`` with ``acc`` in the compute dtype."""
+        if not self.mixed:
+            acc.addmm_(a, b, alpha=alpha)
+        elif _float32_accumulator_addmm(a.dtype):
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+        else:  # a product slice at a time into a bounded temporary
+            for start in range(0, acc.shape[0], ACCUMULATE_SLICE):
+                rows = slice(start, start + ACCUMULATE_SLICE)
+                acc[rows].add_(torch.mm(a[rows], b, out_dtype=acc.dtype), alpha=alpha)
+
+    def grad_scale(self, coef: Tensor) -> float:
+        """A power of two that brings the largest coefficient of ``coef`` near 1 (float16), else 1."""
+        if not self.scaled or coef.numel() == 0:
+            return 1.0
+        largest = float(coef.abs().max())
+        return 1.0 if largest == 0 or not math.isfinite(largest) else 2.0 ** -math.floor(math.log2(largest))
+
+
+ACCUMULATE_SLICE = 8192  # rows of the temporary product where addmm cannot accumulate into float32
+
+
+@functools.cache
+def _float32_accumulator_addmm(dtype: torch.dtype) -> bool:
+    """Whether this torch's CUDA ``addmm(acc, a, b, out_dtype=float32, out=acc)`` takes a float32
+    ``acc`` with ``dtype`` factors (newer releases; older ones want ``acc`` in the factors' dtype).
+    Checked once per process on 1 x 1 tensors."""
+    one = torch.ones(1, 1, dtype=dtype, device="cuda")
+    acc = torch.ones(1, 1, device="cuda")
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except RuntimeError:
+        return False
+    return acc.item() == 2.0
+
+
+class OutputLayer:
+    """``weight [V, D]`` in the GEMM operand dtype, ``bias [V]`` in the compute dtype, softcap."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, softcap: float | None, gemms: Gemms):
+        self.weight = weight.detach().to(gemms.operand_dtype)
+        self.bias = None if bias is None else bias.detach().to(compute_dtype(weight.dtype))
+        self.softcap = softcap
+        self.vocab_size = weight.shape[0]
+
+
+@dataclass
+class Chunk:
+    """One token chunk: ``hidden [r, D]`` in the operand dtype, ``targets [r]`` int64, ``temperature``
+    a float or ``[r]``; :meth:`of` zero-pads the rows to a multiple of ``align``, :meth:`head` drops
+    the padding."""
+
+    hidden: Tensor
+    targets: Tensor
+    temperature: float | Tensor
+
+    @classmethod
+    def of(cls, rows: TokenRows, r0: int, r1: int, dtype: torch.dtype, align: int) -> "Chunk":
+        hidden = rows.hidden[r0:r1].detach().to(dtype)
+        targets = rows.targets[r0:r1]
+        temperature = rows.temperature
+        if isinstance(temperature, Tensor):
+            temperature = temperature[r0:r1]
+        pad = ceil_div(r1 - r0, align) * align - (r1 - r0)
+        if pad:
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+            targets = torch.cat([targets, targets.new_zeros(pad)])
+            if isinstance(temperature, Tensor):
+                temperature = torch.cat([temperature, temperature.new_ones(pad)])
+        return cls(hidden.contiguous(), targets, temperature)
+
+    def head(self, r: int) -> "Chunk":
+        temperature = self.temperature[:r] if isinstance(self.temperature, Tensor) else self.temperature
+        return Chunk(self.hidden[:r], self.targets[:r], temperature)
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+
+class Epilogue(Protocol):
+    """What a backend supplies: the elementwise work on a float32 logits chunk ``[r, w]`` of columns
+    ``v0:v0+w``, between the GEMMs."""
+
+    def work_bytes(self, *, entropy: bool, softcap: bool) -> int:
+        """Bytes of work memory per chunk entry, the logits buffer included."""
+
+    def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
+        """The chunk's logits as :meth:`block_stats` and :meth:`logit_grad` read them (the raw
+        product, or transformed in place by bias, softcap and temperature)."""
+
+    def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
+                    target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
+        """Write ``partials [r, w / VOCAB_BLOCK, NUM_PARTIALS]`` of the chunk's blocks, and the target
+        logit of rows whose target is in the chunk into ``target_logit [r]``; ``z`` is left unchanged."""
+
+    def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
+                   grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
+        """The gradient on the pre-softcap logits, ``[r, w]`` in ``grad_dtype``, written over ``z``'s storage.
+
+        ``coef [r, 4]`` are the gradients on the statistics already divided by temperature:
+        ``dz_j = p_j (c_lse - c_entropy (log p_j + entropy)) + c_mean / V + c_target [j == y]``,
+        times ``1 - tanh^2`` under softcap."""
+
+
+def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, entropy: bool, mean: bool) -> Tensor:
+    """``[r, num_blocks, NUM_PARTIALS]`` block partials -> ``[r, 4]`` statistics, merged in block order."""
+    block_max = partials[..., PARTIAL_MAX]
+    block_sum = partials[..., PARTIAL_SUM]
+    row_max = block_max.amax(1, keepdim=True)
+    block_offset = block_max - row_max
+    scale = block_offset.exp()
+    total = (block_sum * scale).sum(1)
+    stats = partials.new_zeros(partials.shape[0], NUM_STATS)
+    stats[:, LSE] = row_max.squeeze(1) + total.log()
+    stats[:, TARGET_LOGIT] = target_logit
+    if mean:
+        stats[:, MEAN_LOGIT] = partials[..., PARTIAL_LOGIT_SUM].sum(1) / vocab_size
+    if entropy:
+        # sum_j p_j (z_j - max) from each block's sum of e^(z - m_b) (z - m_b), shifted to the row max
+        shifted = (scale * (partials[..., PARTIAL_ENTROPY] + block_offset * block_sum)).sum(1) / total
+        stats[:, ENTROPY] = total.log() - shifted
+    return stats
+
+
+class _Driver:
+    """One call's layer, GEMM policy, epilogue, chunk plan and logits buffer."""
+
+    def __init__(self, epilogue: Epilogue, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                 num_rows: int, *, entropy: bool, memory_budget: int | None, full_rows: bool):
+        self.epilogue = epilogue
+        self.gemms = Gemms(weight.dtype, weight.device)
+        self.layer = OutputLayer(weight, bias, softcap, self.gemms)
+        self.dtype = compute_dtype(weight.dtype)
+        budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
+        entry_bytes = epilogue.work_bytes(entropy=entropy, softcap=softcap is not None)
+        self.align = row_align(weight.device)
+        self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes, memory_budget=budget,
+                                full_rows=full_rows, align=self.align)
+        if self.plan is None:  # full rows do not fit: square chunks
+            self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes,
+                                    memory_budget=budget, full_rows=False, align=self.align)
+        self._buffer = torch.empty(self.plan.entries, dtype=self.dtype, device=weight.device)
+
+    @property
+    def full_rows(self) -> bool:
+        return self.plan.vocab == self.layer.vocab_size
+
+    def chunk(self, rows: TokenRows, r0: int, r1: int) -> Chunk:
+        return Chunk.of(rows, r0, r1, self.gemms.operand_dtype, self.align)
+
+    def logits(self, chunk: Chunk, v0: int, v1: int) -> Tensor:
+        raw = self.gemms.logits(self._buffer[:chunk.rows * (v1 - v0)].view(chunk.rows, v1 - v0), chunk.hidden,
+                                self.layer.weight[v0:v1])
+        return self.epilogue.logits(raw, self.layer, chunk, v0)
+
+    def chunk_stats(self, chunk: Chunk, *, entropy: bool, mean: bool) -> tuple[Tensor, Tensor | None]:
+        """``[r, 4]`` statistics of a (padded) token chunk, and its logits when they span the vocabulary."""
+        vocab_size = self.layer.vocab_size
+        partials = chunk.hidden.new_empty(chunk.rows, ceil_div(vocab_size, VOCAB_BLOCK), NUM_PARTIALS,
+                                          dtype=self.dtype)
+        target_logit = chunk.hidden.new_zeros(chunk.rows, dtype=self.dtype)
+        z = None
+        for v0, v1 in self.plan.vocab_ranges(vocab_size):
+            z = self.logits(chunk, v0, v1)
+            self.epilogue.block_stats(z, self.layer, chunk, v0, partials[:, v0 // VOCAB_BLOCK:ceil_div(v1, VOCAB_BLOCK)],
+                                      target_logit, entropy=entropy, mean=mean)
+        stats = merge_blocks(partials, target_logit, vocab_size, entropy=entropy, mean=mean)
+        return stats, z if self.full_rows else None
+
+    def all_stats(self, rows: TokenRows, *, entropy: bool, mean: bool) -> Tensor:
+        """``[n, 4]`` statistics of every row."""
+        n = rows.hidden.shape[0]
+        stats = rows.hidden.new_empty(n, NUM_STATS, dtype=self.dtype)
+        for r0, r1 in self.plan.row_ranges(n):
+            stats[r0:r1] = self.chunk_stats(self.chunk(rows, r0, r1), entropy=entropy, mean=mean)[0][:r1 - r0]
+        return stats
+
+    def add_grads(self, grads: "GradAccumulator", chunk: Chunk, z: Tensor, v0: int, stats: Tensor, coef: Tensor,
+                  r0: int, *, entropy: bool, mean: bool) -> None:
+        """Logit gradient of the real rows of ``chunk`` (``z`` holds its logits), and both gradient GEMMs."""
+        scale = self.gemms.grad_scale(coef)
+        dz = self.epilogue.logit_grad(z, self.layer, chunk, v0, stats, coef * scale if scale != 1 else coef,
+                                      self.gemms.grad_dtype, entropy=entropy, mean=mean)
+        grads.add(self.gemms, chunk.hidden, dz, v0, r0, 1.0 / scale)
+
+    def recompute_grads(self, grads: "GradAccumulator", rows: TokenRows, stats: Tensor, coef: Tensor, *,
+                        entropy: bool, mean: bool) -> None:
+        """Recompute every chunk's logits and accumulate the gradients for ``coef [n, 4]``."""
+        n = stats.shape[0]
+        for r0, r1 in self.plan.row_ranges(n):
+            padded = self.chunk(rows, r0, r1)
+            chunk = padded.head(r1 - r0)
+            for v0, v1 in self.plan.vocab_ranges(self.layer.vocab_size):
+                z = self.logits(padded, v0, v1)[:r1 - r0]
+                self.add_grads(grads, chunk, z, v0, stats[r0:r1], coef[r0:r1], r0, entropy=entropy, mean=mean)
+
+
+class GradAccumulator:
+    """Gradients of hidden rows, weight and bias, accumulated in the compute dtype."""
+
+    def __init__(self, layer: OutputLayer, num_rows: int, dtype: torch.dtype, needs: tuple[bool, bool, bool]):
+        weight = layer.weight
+        self.layer = layer
+        self.hidden = weight.new_zeros(num_rows, weight.shape[1], dtype=dtype) if needs[0] else None
+        self.weight = torch.zeros_like(weight, dtype=dtype) if needs[1] else None
+        self.bias = weight.new_zeros(layer.vocab_size, dtype=dtype) if needs[2] and layer.bias is not None else None
+
+    def add(self, gemms: Gemms, chunk_hidden: Tensor, dz: Tensor, v0: int, r0: int, alpha: float) -> None:
+        """Accumulate ``alpha * dz [r, w]`` of the token chunk starting at row ``r0`` and column ``v0``."""
+        r, w = dz.shape
+        if self.hidden is not None:
+            gemms.accumulate(self.hidden[r0:r0 + r], dz, self.layer.weight[v0:v0 + w], alpha)
+        if self.weight is not None:
+            gemms.accumulate(self.weight[v0:v0 + w], dz.t(), chunk_hidden, alpha)
+        if self.bias is not None:
+            self.bias[v0:v0 + w].add_(dz.sum(0, dtype=self.bias.dtype), alpha=alpha)
+
+    def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.hidden, self.weight, self.bias
+
+
+def _per_row(temperature: float | Tensor) -> float | Tensor:
+    return temperature[:, None] if isinstance(temperature, Tensor) else temperature
+
+
+def _cast(grads, dtypes) -> tuple:
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
+
+
+def forward_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                  *, entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
+    """``[n, 4]`` statistics in the compute dtype, without autograd."""
+    driver = _Driver(epilogue, weight, bias, softcap, rows.hidden.shape[0], entropy=entropy,
+                     memory_budget=memory_budget, full_rows=False)
+    return driver.all_stats(rows, entropy=entropy, mean=mean)
+
+
+class RowStatsFunction(torch.autograd.Function):
+    """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, 4]``; backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, epilogue: Epilogue, rows: TokenRows, softcap, entropy: bool, mean: bool,
+                memory_budget):
+        stats = forward_stats(epilogue, rows, weight, bias, softcap, entropy=entropy, mean=mean,
+                              memory_budget=memory_budget)
+        ctx.epilogue, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = epilogue, rows, softcap, entropy, mean
+        ctx.memory_budget = memory_budget
+        ctx.save_for_backward(hidden, weight, bias, stats)
+        return stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_stats):
+        hidden, weight, bias, stats = ctx.saved_tensors
+        rows = ctx.rows
+        driver = _Driver(ctx.epilogue, weight, bias, ctx.softcap, hidden.shape[0], entropy=ctx.entropy,
+                         memory_budget=ctx.memory_budget, full_rows=False)
+        coef = grad_stats.to(driver.dtype) / _per_row(rows.temperature)
+        entropy = ctx.entropy and bool(coef[:, ENTROPY].any())
+        mean = ctx.mean and bool(coef[:, MEAN_LOGIT].any())
+        grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, ctx.needs_input_grad[:3])
+        driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
+        return (*_cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype)), *[None] * 6)
+
+
+class SummedLossFunction(torch.autograd.Function):
+    """``(sum_i token_loss(stats)_i, stats [n, 4])`` with the gradients formed during the forward pass.
+
+    ``token_loss(stats [r, 4], r0, r1) -> [r]``: the (weighted) loss of rows ``r0:r1``; it may
+    depend only on those rows' statistics and on values fixed before the call. The returned
+    statistics are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, epilogue: Epilogue, rows: TokenRows, softcap, token_loss: TokenLoss,
+                entropy: bool, mean: bool, memory_budget):
+        n = hidden.shape[0]
+        driver = _Driver(epilogue, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
+                         full_rows=True)
+        grads = GradAccumulator(driver.layer, n, driver.dtype, ctx.needs_input_grad[:3])
+        temperature = rows.temperature
+        if driver.full_rows:
+            stats = hidden.new_empty(n, NUM_STATS, dtype=driver.dtype)
+            loss = hidden.new_zeros((), dtype=driver.dtype)
+            for r0, r1 in driver.plan.row_ranges(n):
+                padded = driver.chunk(rows, r0, r1)
+                chunk_stats, z = driver.chunk_stats(padded, entropy=entropy, mean=mean)
+                stats[r0:r1] = chunk_stats = chunk_stats[:r1 - r0]
+                chunk_loss, coef = stat_grads(lambda s, r0=r0, r1=r1: token_loss(s, r0, r1), chunk_stats)
+                loss += chunk_loss
+                chunk = padded.head(r1 - r0)
+                driver.add_grads(grads, chunk, z[:r1 - r0], 0, chunk_stats, coef / _per_row(chunk.temperature), r0,
+                                 entropy=entropy, mean=mean)
+        else:
+            stats = driver.all_stats(rows, entropy=entropy, mean=mean)
+            loss, coef = stat_grads(lambda s: token_loss(s, 0, n), stats)
+            driver.recompute_grads(grads, rows, stats, coef / _per_row(temperature), entropy=entropy, mean=mean)
+        # kept in the compute dtype so that scaling by the upstream gradient rounds only once
+        saved = grads.grads()
+        ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in saved))
+        ctx.has_grad = tuple(g is not None for g in saved)
+        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        # an unscaled float32 gradient is handed over as is, and autograd can adopt it without a copy
+        unit = bool(grad_loss == 1)
+        scaled = [(g if unit else g * grad_loss.to(g.dtype)) if has else None
+                  for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        return (*_cast(scaled, ctx.dtypes), *[None] * 7)
+
+
+def row_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+              entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
+    """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
+    return RowStatsFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, entropy, mean, memory_budget)
+
+
+def summed_loss(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                token_loss: TokenLoss, *, entropy: bool, mean: bool, memory_budget: int | None) -> tuple[Tensor, Tensor]:
+    """``(sum_i token_loss_i, stats [n, 4])``, the loss differentiable with gradients formed in forward."""
+    return SummedLossFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, token_loss, entropy, mean,
+                                    memory_budget)
