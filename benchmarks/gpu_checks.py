@@ -27,7 +27,6 @@ from osft_kernels.device_info import describe
 from osft_kernels.driver import VOCAB_BLOCK, Gemms, _float32_accumulator_addmm, ceil_div
 from osft_kernels.inputs import token_rows
 from osft_kernels.triton_kernels import configs
-from osft_kernels.triton_kernels.epilogue import block_stats_kernel, logit_grad_kernel
 
 GIB = 2**30
 RESULTS: dict = {}
@@ -154,22 +153,6 @@ GRAD_CANDIDATES = [(1, 1024, 4), (1, 2048, 8), (1, 4096, 8), (2, 1024, 8), (2, 2
                    (8, 512, 8)]
 
 
-def _launch_stats(config, logits, t, inv_t, partials, target_logit):
-    r, w = logits.shape
-    block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
-        logits, logits.stride(0), logits, t, inv_t, partials, partials.stride(0), target_logit, r, w, 0, 1.0,
-        BLOCK=VOCAB_BLOCK, TILE=config.tile, ROWS=config.rows, HAS_BIAS=False, HAS_SOFTCAP=False, MEAN=False,
-        ENTROPY=True, num_warps=config.warps)
-
-
-def _launch_grad(config, logits, dz, t, inv_t, stats, coef, v):
-    r, w = logits.shape
-    logit_grad_kernel[(ceil_div(r, config.rows),)](
-        logits, logits.stride(0), dz, dz.stride(0), logits, t, inv_t, stats, coef, r, w, 0, v, 1.0,
-        TILE=config.tile, ROWS=config.rows, HAS_BIAS=False, HAS_SOFTCAP=False, MEAN=False, ENTROPY=True,
-        num_warps=config.warps)
-
-
 def _time_or_error(fn) -> float | str:
     try:
         return round(bench(fn), 3)
@@ -187,10 +170,12 @@ def _chunk_stages(h, wt, t, v):
     stats = torch.zeros(r, 4, device="cuda")
     coef = torch.randn(r, 4, device="cuda") * 1e-3
     dz = torch.empty(r, w, device="cuda", dtype=torch.bfloat16)  # separate, so that the timing can repeat
-    stats_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: _launch_stats(
-        configs.EpilogueConfig(*c), logits, t, inv_t, partials, target_logit)) for c in STATS_CANDIDATES}
-    grad_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: _launch_grad(
-        configs.EpilogueConfig(*c), logits, dz, t, inv_t, stats, coef, v)) for c in GRAD_CANDIDATES}
+    stats_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: triton_chunked.launch_block_stats(
+        logits, partials, target_logit, t, inv_t, None, None, 0, entropy=True, mean=False,
+        config=configs.EpilogueConfig(*c))) for c in STATS_CANDIDATES}
+    grad_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: triton_chunked.launch_logit_grad(
+        logits, dz, t, inv_t, stats, coef, None, None, 0, v, entropy=True, mean=False,
+        config=configs.EpilogueConfig(*c))) for c in GRAD_CANDIDATES}
     d_h = torch.zeros(r, d, device="cuda")
     d_w = torch.zeros(w, d, device="cuda")
     gemms = Gemms(torch.bfloat16, h.device)

@@ -103,9 +103,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             n, dtype=inputs.compute_dtype(hidden.dtype))
         if reduction == "mean":
             token_weight = token_weight / max(n, 1)
-        wants_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, weight, bias))
-        if wants_grad and hasattr(impl, "summed_loss"):
+        if inputs.wants_grad(hidden, weight, bias) and hasattr(impl, "summed_loss"):
             def token_loss(stats: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
                 return token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss) * token_weight[r0:r1]
 
@@ -150,8 +148,7 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
         row = RowStats.of(stats)
         return token_loss(token_logprobs(row), row.entropy if return_entropy else None, positions[r0:r1])
 
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if wants_grad and hasattr(impl, "summed_loss"):
+    if inputs.wants_grad(hidden, weight, bias) and hasattr(impl, "summed_loss"):
         loss, stats = impl.summed_loss(rows, weight, bias, softcap, loss_of_stats, entropy=return_entropy,
                                        mean=False, options=options)
     else:

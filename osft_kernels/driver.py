@@ -215,7 +215,7 @@ class Epilogue(Protocol):
     """What a backend supplies: the elementwise work on a float32 logits chunk ``[r, w]`` of columns
     ``v0:v0+w``, between the GEMMs."""
 
-    def work_bytes(self, *, entropy: bool, softcap: bool) -> int:
+    def work_bytes(self, *, entropy: bool) -> int:
         """Bytes of work memory per chunk entry, the logits buffer included."""
 
     def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
@@ -266,7 +266,7 @@ class _Driver:
         self.layer = OutputLayer(weight, bias, softcap, self.gemms)
         self.dtype = compute_dtype(weight.dtype)
         budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
-        entry_bytes = epilogue.work_bytes(entropy=entropy, softcap=softcap is not None)
+        entry_bytes = epilogue.work_bytes(entropy=entropy)
         self.align = row_align(weight.device)
         self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes, memory_budget=budget,
                                 full_rows=full_rows, align=self.align)
@@ -353,7 +353,8 @@ class GradAccumulator:
         return self.hidden, self.weight, self.bias
 
 
-def _per_row(temperature: float | Tensor) -> float | Tensor:
+def per_row(temperature: float | Tensor) -> float | Tensor:
+    """A float, or ``[r] -> [r, 1]`` to broadcast over a chunk's columns."""
     return temperature[:, None] if isinstance(temperature, Tensor) else temperature
 
 
@@ -389,7 +390,7 @@ class RowStatsFunction(torch.autograd.Function):
         rows = ctx.rows
         driver = _Driver(ctx.epilogue, weight, bias, ctx.softcap, hidden.shape[0], entropy=ctx.entropy,
                          memory_budget=ctx.memory_budget, full_rows=False)
-        coef = grad_stats.to(driver.dtype) / _per_row(rows.temperature)
+        coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
         entropy = ctx.entropy and bool(coef[:, ENTROPY].any())
         mean = ctx.mean and bool(coef[:, MEAN_LOGIT].any())
         grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, ctx.needs_input_grad[:3])
@@ -423,12 +424,12 @@ class SummedLossFunction(torch.autograd.Function):
                 chunk_loss, coef = stat_grads(lambda s, r0=r0, r1=r1: token_loss(s, r0, r1), chunk_stats)
                 loss += chunk_loss
                 chunk = padded.head(r1 - r0)
-                driver.add_grads(grads, chunk, z[:r1 - r0], 0, chunk_stats, coef / _per_row(chunk.temperature), r0,
+                driver.add_grads(grads, chunk, z[:r1 - r0], 0, chunk_stats, coef / per_row(chunk.temperature), r0,
                                  entropy=entropy, mean=mean)
         else:
             stats = driver.all_stats(rows, entropy=entropy, mean=mean)
             loss, coef = stat_grads(lambda s: token_loss(s, 0, n), stats)
-            driver.recompute_grads(grads, rows, stats, coef / _per_row(temperature), entropy=entropy, mean=mean)
+            driver.recompute_grads(grads, rows, stats, coef / per_row(temperature), entropy=entropy, mean=mean)
         # kept in the compute dtype so that scaling by the upstream gradient rounds only once
         saved = grads.grads()
         ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in saved))

@@ -140,6 +140,11 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will differentiate through any of ``tensors`` (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """Backend keywords: ``memory_budget``, bytes of logits chunk buffers of the chunked backends (None:

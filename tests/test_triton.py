@@ -34,7 +34,6 @@ from osft_kernels.memory import PeakMemory
 pytest.importorskip("triton")
 from osft_kernels.backends import resolve_backend, triton_chunked
 from osft_kernels.triton_kernels import configs
-from osft_kernels.triton_kernels.epilogue import logit_grad_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NATIVE = DEVICE == "cuda"
@@ -186,11 +185,8 @@ def test_half_precision_gradient_is_written_over_its_own_logits(dtype):
     buffer.copy_(raw)
     dz = buffer.view(dtype)[:, :w] if buffer.stride(0) % 2 == 0 else None
     assert dz is not None and dz.data_ptr() == buffer.data_ptr()
-    config = configs.GRAD_EPILOGUE
-    logit_grad_kernel[(triton_chunked.ceil_div(r, config.rows),)](
-        buffer, buffer.stride(0), dz, dz.stride(0), bias.float(), targets, inv_temp.float(), stats.float(),
-        coef.float(), r, w, v0, vocab, softcap, TILE=config.tile, ROWS=config.rows, HAS_BIAS=True, HAS_SOFTCAP=True,
-        MEAN=True, ENTROPY=True, num_warps=config.warps)
+    triton_chunked.launch_logit_grad(buffer, dz, targets, inv_temp.float(), stats.float(), coef.float(), bias.float(),
+                                     softcap, v0, vocab, entropy=True, mean=True)
     # one rounding to the half dtype (the interpreter truncates: a full ulp)
     assert_close(dz, expected, rtol=2 * torch.finfo(dtype).eps, atol_rel=1e-6, what=f"{dtype} dz")
 

@@ -8,14 +8,18 @@ import torch
 from torch import Tensor
 
 from .. import driver
-from ..driver import FINITE_MIN, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM, PARTIAL_MAX, PARTIAL_SUM, VOCAB_BLOCK, Chunk
+from ..driver import (
+    FINITE_MIN,
+    PARTIAL_ENTROPY,
+    PARTIAL_LOGIT_SUM,
+    PARTIAL_MAX,
+    PARTIAL_SUM,
+    VOCAB_BLOCK,
+    Chunk,
+    per_row,
+)
 from ..inputs import BackendOptions, TokenRows
 from ..row_stats import ENTROPY, LSE, MEAN_LOGIT, TARGET_LOGIT
-
-
-def _per_row(temperature: float | Tensor) -> float | Tensor:
-    """A float, or ``[r] -> [r, 1]`` to broadcast over a chunk's columns."""
-    return temperature[:, None] if isinstance(temperature, Tensor) else temperature
 
 
 def _blocks(x: Tensor) -> list[Tensor]:
@@ -50,11 +54,11 @@ def _target_hits(chunk: Chunk, v0: int, w: int) -> tuple[Tensor, Tensor]:
 class TorchEpilogue:
     """The :class:`osft_kernels.driver.Epilogue` in PyTorch ops."""
 
-    def work_bytes(self, *, entropy: bool, softcap: bool) -> int:
-        return 4 * (3 if entropy else 2)
-
     def __init__(self):
         self._work: list[Tensor] = []
+
+    def work_bytes(self, *, entropy: bool) -> int:
+        return 4 * (3 if entropy else 2)
 
     def _buffer(self, index: int, like: Tensor) -> Tensor:
         """Work buffer ``index`` viewed at ``like``'s shape (grown as needed, reused across chunks)."""
@@ -71,7 +75,7 @@ class TorchEpilogue:
             raw.div_(layer.softcap).tanh_().mul_(layer.softcap)
         temperature = chunk.temperature
         if isinstance(temperature, Tensor) or temperature != 1.0:
-            raw.div_(_per_row(temperature))
+            raw.div_(per_row(temperature))
         return raw
 
     def block_stats(self, z: Tensor, layer: driver.OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
@@ -98,7 +102,7 @@ class TorchEpilogue:
         cap_factor = None
         if layer.softcap is not None:
             # 1 - tanh(s / softcap)^2, with tanh(s / softcap) = z * temperature / softcap
-            cap_factor = torch.mul(z, _per_row(chunk.temperature) / layer.softcap, out=self._buffer(0, z))
+            cap_factor = torch.mul(z, per_row(chunk.temperature) / layer.softcap, out=self._buffer(0, z))
             cap_factor.square_().neg_().add_(1.0)
         g = z.sub_(stats[:, LSE, None])  # log p
         if entropy:

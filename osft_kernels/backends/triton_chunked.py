@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import driver
 from ..driver import VOCAB_BLOCK, Chunk, OutputLayer, ceil_div
-from ..inputs import BackendOptions, TokenRows
+from ..inputs import BackendOptions, TokenRows, wants_grad
 from ..row_stats import NUM_STATS
 from ..triton_kernels import configs
 from ..triton_kernels.epilogue import block_stats_kernel, logit_grad_kernel
@@ -27,8 +27,6 @@ from ..triton_kernels.forward import NUM_PARTIALS, merge_partials_kernel, row_pa
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 128
-
-
 
 
 def check_inputs(hidden: Tensor) -> None:
@@ -54,15 +52,39 @@ def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
     return like.new_full((rows,), 1.0 / temperature, dtype=torch.float32)
 
 
-def _flags(layer: OutputLayer, *, entropy: bool, mean: bool) -> dict:
-    return dict(HAS_BIAS=layer.bias is not None, HAS_SOFTCAP=layer.softcap is not None, MEAN=mean, ENTROPY=entropy)
+def launch_block_stats(z: Tensor, partials: Tensor, target_logit: Tensor, targets: Tensor, inv_temp: Tensor,
+                       bias: Tensor | None, softcap: float | None, v0: int, *, entropy: bool, mean: bool,
+                       config: configs.EpilogueConfig = configs.STATS_EPILOGUE) -> None:
+    """:func:`block_stats_kernel` over the logits chunk ``z [r, w]`` of columns ``v0:v0+w`` (see its docstring)."""
+    r, w = z.shape
+    if r == 0:
+        return
+    block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
+        z, z.stride(0), z if bias is None else bias, targets, inv_temp, partials, partials.stride(0), target_logit,
+        r, w, v0, 1.0 if softcap is None else float(softcap), BLOCK=VOCAB_BLOCK, TILE=config.tile, ROWS=config.rows,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy,
+        num_warps=config.warps)
+
+
+def launch_logit_grad(z: Tensor, dz: Tensor, targets: Tensor, inv_temp: Tensor, stats: Tensor, coef: Tensor,
+                      bias: Tensor | None, softcap: float | None, v0: int, vocab_size: int, *, entropy: bool,
+                      mean: bool, config: configs.EpilogueConfig = configs.GRAD_EPILOGUE) -> None:
+    """:func:`logit_grad_kernel` from the logits chunk ``z [r, w]`` into ``dz [r, w]`` (which may alias it)."""
+    r, w = z.shape
+    if r == 0:
+        return
+    logit_grad_kernel[(ceil_div(r, config.rows),)](
+        z, z.stride(0), dz, dz.stride(0), z if bias is None else bias, targets, inv_temp, stats, coef, r, w, v0,
+        vocab_size, 1.0 if softcap is None else float(softcap), TILE=config.tile, ROWS=config.rows,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy,
+        num_warps=config.warps)
 
 
 class TritonEpilogue:
     """The :class:`osft_kernels.driver.Epilogue` as two Triton kernels; the logits buffer is the only
     work memory (the gradient is written over it)."""
 
-    def work_bytes(self, *, entropy: bool, softcap: bool) -> int:
+    def work_bytes(self, *, entropy: bool) -> int:
         return 4
 
     def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
@@ -70,29 +92,16 @@ class TritonEpilogue:
 
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
                     target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
-        r, w = z.shape
-        if r == 0:
-            return
-        config = configs.STATS_EPILOGUE
-        block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
-            z, z.stride(0), layer.bias if layer.bias is not None else z, chunk.targets,
-            _inv_temp(chunk.temperature, r, z), partials, partials.stride(0), target_logit, r, w, v0,
-            1.0 if layer.softcap is None else float(layer.softcap), BLOCK=VOCAB_BLOCK, TILE=config.tile,
-            ROWS=config.rows, **_flags(layer, entropy=entropy, mean=mean), num_warps=config.warps)
+        launch_block_stats(z, partials, target_logit, chunk.targets, _inv_temp(chunk.temperature, z.shape[0], z),
+                           layer.bias, layer.softcap, v0, entropy=entropy, mean=mean)
 
     def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
-        r, w = z.shape
         # the gradient row is written over the first bytes of its own logits row
-        dz = z.view(grad_dtype)[:, :w] if grad_dtype != z.dtype else z
-        if r == 0:
-            return dz
-        config = configs.GRAD_EPILOGUE
-        logit_grad_kernel[(ceil_div(r, config.rows),)](
-            z, z.stride(0), dz, dz.stride(0), layer.bias if layer.bias is not None else z, chunk.targets,
-            _inv_temp(chunk.temperature, r, z), stats.float().contiguous(), coef.float().contiguous(), r, w, v0,
-            layer.vocab_size, 1.0 if layer.softcap is None else float(layer.softcap), TILE=config.tile,
-            ROWS=config.rows, **_flags(layer, entropy=entropy, mean=mean), num_warps=config.warps)
+        dz = z.view(grad_dtype)[:, :z.shape[1]] if grad_dtype != z.dtype else z
+        launch_logit_grad(z, dz, chunk.targets, _inv_temp(chunk.temperature, z.shape[0], z),
+                          stats.float().contiguous(), coef.float().contiguous(), layer.bias, layer.softcap, v0,
+                          layer.vocab_size, entropy=entropy, mean=mean)
         return dz
 
 
@@ -121,16 +130,12 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     return stats
 
 
-def _wants_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
     """``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked driver,
     differentiable; with ``memory_budget=0`` and no gradient wanted, from the fused forward."""
     check_inputs(rows.hidden)
-    if options.memory_budget == 0 and not _wants_grad(rows.hidden, weight, bias):
+    if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
         return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean)
     return driver.row_stats(TritonEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
                             memory_budget=options.memory_budget)

@@ -155,12 +155,17 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
         entropy = torch.where(mask, _check_like("entropy", entropy, logprobs), 0.0)
     token_loss, parts = _token_policy_loss(logprobs, entropy, terms)
     loss = aggregate(token_loss, mask, agg, num_items=num_items, norm_length=norm_length)
+    return loss, _policy_metrics(parts, terms, mask)
 
+
+def _policy_metrics(parts: dict[str, Tensor], terms: "_PolicyTerms", mask: Tensor) -> dict[str, Tensor]:
+    """:func:`policy_loss`'s metrics from :func:`_token_policy_loss`'s per-token values: masked means,
+    and the largest ratio."""
     with torch.no_grad():
         log_ratio, ratio, advantages = parts.pop("log_ratio"), parts.pop("ratio"), terms.advantages
         metrics = dict(parts)
-        metrics["clip_frac_low"] = (advantages < 0) & (ratio < 1 - clip_low)
-        metrics["clip_frac_high"] = (advantages > 0) & (ratio > 1 + clip_high)
+        metrics["clip_frac_low"] = (advantages < 0) & (ratio < 1 - terms.clip_low)
+        metrics["clip_frac_high"] = (advantages > 0) & (ratio > 1 + terms.clip_high)
         metrics["approx_kl"] = torch.expm1(log_ratio) - log_ratio
         metrics["ratio_mean"] = ratio
         count = mask.sum().clamp(min=1)
@@ -168,7 +173,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
                    for name, value in metrics.items()}
         summary["ratio_max"] = torch.where(mask, ratio.detach().float(), 0.0).amax() if bool(mask.any()) \
             else ratio.new_zeros((), dtype=torch.float32)
-    return loss, summary
+    return summary
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
     (:func:`osft_kernels.linear_token_loss`, with the entropy when ``entropy_coef != 0``): every
     token's loss depends only on its own logprob and entropy and on values known before the call, so
     the chunked backends form the gradients during the forward pass (6NDV FLOPs, where logprobs and
-    then :func:`policy_loss` take 8NDV). The metrics are :func:`policy_loss`'s.
+    then :func:`policy_loss` take 8NDV). The metrics are :func:`policy_loss`'s, computed once.
 
     The completion tokens are the non-ignored (shifted) ``targets``; ``old_logprobs``,
     ``ref_logprobs`` and ``is_weights`` are shaped like them, ``advantages`` per sequence or per
@@ -285,8 +290,5 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
     loss, out = linear_token_loss(hidden, weight, targets, token_loss, return_entropy=bool(entropy_coef),
                                   temperature=temperature, ignore_index=ignore_index, bias=bias, softcap=softcap,
                                   shift=shift, backend=backend, **kernel_options)
-    _, metrics = policy_loss(out.logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                             dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                             kl_estimator=kl_estimator, entropy=out.entropy, entropy_coef=entropy_coef, agg=agg,
-                             num_items=num_items, norm_length=norm_length, is_weights=is_weights)
-    return loss, metrics
+    # out holds 0 at the masked positions, as policy_loss's zeroed logprobs and entropy do
+    return loss, _policy_metrics(_token_policy_loss(out.logprobs, out.entropy, terms)[1], terms, mask)
