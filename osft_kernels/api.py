@@ -7,6 +7,7 @@ Logits of token i over vocabulary entry j::
     s_ij = softcap * tanh(s_ij / softcap)          (if softcap)
     z_ij = s_ij / temperature_i
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -25,17 +26,33 @@ class LogProbs(NamedTuple):
     entropy: Tensor | None
 
 
+def _outside_autocast(fn):
+    """Runs a public op with autocast off on ``hidden``'s device: the ops pick their own precision
+    (float32 statistics and outputs, as documented) inside the caller's autocast region too."""
+    @functools.wraps(fn)
+    def wrapper(hidden, *args, **kwargs):
+        if isinstance(hidden, Tensor) and not hidden.is_meta and torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return fn(hidden, *args, **kwargs)
+        return fn(hidden, *args, **kwargs)
+    return wrapper
+
+
 def _prepare(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights=None):
     inputs.check_head(hidden, weight, bias)
-    inputs.check_targets(targets, hidden, weight.shape[0], ignore_index)
-    inputs.check_temperature(temperature, targets)
+    targets = inputs.check_targets(targets, hidden, weight.shape[0], ignore_index)
+    dtype = inputs.compute_dtype(hidden.dtype)
+    inputs.check_temperature(temperature, targets, dtype)
     inputs.check_positive_number("softcap", softcap, allow_none=True)
+    if softcap is not None:
+        inputs.check_in_compute_dtype("softcap", softcap, dtype)
     inputs.check_weights(weights, targets)
     inputs.check_flag("shift", shift)
     return inputs.token_rows(hidden, targets, temperature=temperature, weights=weights,
                              ignore_index=int(ignore_index), shift=shift)
 
 
+@_outside_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float | Tensor = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     return_entropy: bool = False, shift: bool = False, backend: str = "auto",
@@ -70,6 +87,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     return LogProbs(rows.scatter(token_logprobs(stats)), entropy)
 
 
+@_outside_autocast
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                          weights: Tensor | None = None, temperature: float | Tensor = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -118,6 +136,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     return (loss * token_weight).sum()
 
 
+@_outside_autocast
 def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_loss, *, return_entropy: bool = False,
                       bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
                       ignore_index: int = -100, shift: bool = False, backend: str = "auto",

@@ -29,12 +29,11 @@ cuBLAS does not promise it.
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .inputs import TokenRows, compute_dtype
 from .row_stats import ENTROPY, LSE, MEAN_LOGIT, NUM_STATS, TARGET_LOGIT, stat_grads
@@ -49,6 +48,9 @@ NUM_PARTIALS = 4
 PARTIAL_MAX, PARTIAL_SUM, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM = range(NUM_PARTIALS)
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
 FINITE_MIN = -3.0e38  # a block max of -inf (a fully masked block) is clamped here so that z - max stays finite
+# below log of float64's smallest subnormal (-745): e^x is exactly 0 here, so log-probabilities clamped to it
+# keep p = 0 and turn the 0 * -inf of a -inf logit (a masked vocabulary entry) into 0 * LOG_ZERO = 0
+LOG_ZERO = -1.0e4
 
 TokenLoss = Callable[[Tensor, int, int], Tensor]
 
@@ -370,6 +372,21 @@ def forward_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Ten
     return driver.all_stats(rows, entropy=entropy, mean=mean)
 
 
+def _check_backward_mode() -> None:
+    """Gradients of the gradients are not formed: refuse ``create_graph=True`` rather than return a
+    gradient that is silently off the graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward (create_graph=True) through the chunked backends is not supported: "
+                           "their gradients are formed outside autograd; use backend='reference' to "
+                           "differentiate the gradient")
+
+
+def _check_no_transforms() -> None:
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError("the chunked backends do not support torch.func transforms (grad, vmap, jacrev, ...); "
+                           "use torch.autograd, or backend='reference'")
+
+
 class RowStatsFunction(torch.autograd.Function):
     """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, 4]``; backward recomputes."""
 
@@ -380,21 +397,24 @@ class RowStatsFunction(torch.autograd.Function):
                               memory_budget=memory_budget)
         ctx.epilogue, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = epilogue, rows, softcap, entropy, mean
         ctx.memory_budget = memory_budget
-        ctx.save_for_backward(hidden, weight, bias, stats)
+        # targets and temperature may be the caller's tensors: saved, an in-place edit before backward raises
+        temperature = rows.temperature if isinstance(rows.temperature, Tensor) else None
+        ctx.save_for_backward(hidden, weight, bias, stats, rows.targets, temperature)
         return stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_stats):
-        hidden, weight, bias, stats = ctx.saved_tensors
-        rows = ctx.rows
+        _check_backward_mode()
+        hidden, weight, bias, stats, targets, temperature = ctx.saved_tensors
+        rows = replace(ctx.rows, targets=targets, temperature=ctx.rows.temperature if temperature is None else temperature)
         driver = _Driver(ctx.epilogue, weight, bias, ctx.softcap, hidden.shape[0], entropy=ctx.entropy,
                          memory_budget=ctx.memory_budget, full_rows=False)
         coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
         entropy = ctx.entropy and bool(coef[:, ENTROPY].any())
         mean = ctx.mean and bool(coef[:, MEAN_LOGIT].any())
         grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, ctx.needs_input_grad[:3])
-        driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
+        with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
+            driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
         return (*_cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype)), *[None] * 6)
 
 
@@ -439,8 +459,8 @@ class SummedLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_stats):
+        _check_backward_mode()
         # an unscaled float32 gradient is handed over as is, and autograd can adopt it without a copy
         unit = bool(grad_loss == 1)
         scaled = [(g if unit else g * grad_loss.to(g.dtype)) if has else None
@@ -451,11 +471,13 @@ class SummedLossFunction(torch.autograd.Function):
 def row_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
     """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
+    _check_no_transforms()
     return RowStatsFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, entropy, mean, memory_budget)
 
 
 def summed_loss(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                 token_loss: TokenLoss, *, entropy: bool, mean: bool, memory_budget: int | None) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, 4])``, the loss differentiable with gradients formed in forward."""
+    _check_no_transforms()
     return SummedLossFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)

@@ -4,13 +4,15 @@ Ignored tokens (``target == ignore_index``) are dropped before any backend runs:
 on them, their outputs are 0 and they receive no gradient.
 """
 import math
+import operator
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -38,6 +40,9 @@ def check_head(hidden, weight, bias) -> None:
     """``hidden [..., D]``, ``weight [V, D]`` and ``bias [V] | None``, one float dtype, one device."""
     hidden = require_tensor("hidden", hidden)
     weight = require_tensor("weight", weight)
+    if hidden.is_meta:
+        raise NotImplementedError("hidden is a meta tensor: these ops read the target values to drop ignored "
+                                  "tokens, so they need tensors with data")
     if hidden.dtype not in INPUT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
@@ -63,11 +68,17 @@ def check_head(hidden, weight, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> None:
-    """Integer ``targets`` shaped like ``hidden.shape[:-1]`` with values in ``[0, V)`` or ``ignore_index``."""
+def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Tensor:
+    """Integer ``targets`` shaped like ``hidden.shape[:-1]`` with values in ``[0, V)`` or ``ignore_index``.
+
+    Returns them as int64 (the same tensor when they are int64): every comparison happens there, so
+    narrow integer types cannot wrap around ``ignore_index`` or ``V``.
+    """
     targets = require_tensor("targets", targets)
-    if not _is_number(ignore_index) or int(ignore_index) != ignore_index:
+    if not isinstance(ignore_index, Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([{INT64_MIN}, {INT64_MAX}]), got {ignore_index}")
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor (e.g. torch.long), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
@@ -75,11 +86,13 @@ def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Non
                          f"got {tuple(targets.shape)}")
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    targets = targets.long()
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"targets must be in [0, V) = [0, {vocab_size}) or equal ignore_index "
                          f"({ignore_index}); found {int(targets[position])} at position {position}")
+    return targets
 
 
 def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
@@ -88,6 +101,21 @@ def check_positive_number(name: str, value, *, allow_none: bool = False) -> None
     if not is_finite_number(value) or value <= 0:
         expected = "None or a finite number > 0" if allow_none else "a finite number > 0"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_in_compute_dtype(name: str, value, dtype: torch.dtype) -> None:
+    """A checked positive number (or tensor of them) must stay a normal, finite number in ``dtype``:
+    ``1e-300`` is 0 in float32 and ``1e300`` is inf."""
+    info = torch.finfo(dtype)
+    if isinstance(value, Tensor):
+        value = value.to(dtype)
+        representable = bool(((value >= info.tiny) & (value <= info.max)).all())
+    else:
+        representable = info.tiny <= value <= info.max
+    if not representable:
+        got = "" if isinstance(value, Tensor) else f", got {value!r}"
+        raise ValueError(f"{name} must be between {info.tiny:.3g} and {info.max:.3g} (the normal numbers of the "
+                         f"compute dtype {dtype}){got}")
 
 
 def check_label_smoothing(value) -> None:
@@ -100,10 +128,12 @@ def check_z_loss(value) -> None:
         raise ValueError(f"z_loss must be a finite float >= 0, got {value!r}")
 
 
-def check_temperature(temperature, targets: Tensor) -> None:
-    """A finite float > 0, or a tensor broadcastable to ``targets.shape`` with finite values > 0."""
+def check_temperature(temperature, targets: Tensor, dtype: torch.dtype) -> None:
+    """A finite float > 0, or a tensor broadcastable to ``targets.shape`` with finite values > 0, each a
+    normal number in the compute ``dtype``."""
     if not isinstance(temperature, Tensor):
         check_positive_number("temperature", temperature)
+        check_in_compute_dtype("temperature", temperature, dtype)
         return
     if not temperature.is_floating_point():
         raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
@@ -118,6 +148,7 @@ def check_temperature(temperature, targets: Tensor) -> None:
                          f"got {tuple(temperature.shape)}")
     if not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
         raise ValueError("temperature tensor must contain only finite values > 0")
+    check_in_compute_dtype("temperature tensor", temperature, dtype)
 
 
 def check_weights(weights, targets: Tensor) -> None:
@@ -154,10 +185,11 @@ class BackendOptions:
 
 
 def backend_options(memory_budget) -> BackendOptions:
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+    """``memory_budget``: None, or any integer >= 0 (``numpy.int64`` included), kept as an ``int``."""
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, Integral)
                                       or memory_budget < 0):
         raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
-    return BackendOptions(memory_budget)
+    return BackendOptions(None if memory_budget is None else operator.index(memory_budget))
 
 
 @dataclass

@@ -3,6 +3,7 @@ differentiate them. Ground truth for the chunked backends and fine for tiny inpu
 import torch
 from torch import Tensor
 
+from ..driver import LOG_ZERO
 from ..inputs import BackendOptions, TokenRows, compute_dtype
 
 
@@ -27,6 +28,7 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
 
 
 def _entropy(logits: Tensor) -> Tensor:
-    """``-sum_j p_j log p_j``, in log space: ``lse - sum_j p_j z_j`` loses digits when logits are large."""
+    """``-sum_j p_j log p_j``, in log space: ``lse - sum_j p_j z_j`` loses digits when logits are large.
+    A ``-inf`` logit (a masked entry) has ``p = 0`` and adds 0."""
     logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -(logp.exp() * logp.clamp(min=LOG_ZERO)).sum(-1)

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import driver
 from ..driver import (
     FINITE_MIN,
+    LOG_ZERO,
     PARTIAL_ENTROPY,
     PARTIAL_LOGIT_SUM,
     PARTIAL_MAX,
@@ -91,7 +92,7 @@ class TorchEpilogue:
         if entropy:
             e = torch.exp(shifted, out=self._buffer(1, z))
             partials[..., PARTIAL_SUM] = _block_reduce(e, torch.sum)
-            partials[..., PARTIAL_ENTROPY] = _block_reduce(e.mul_(shifted), torch.sum)
+            partials[..., PARTIAL_ENTROPY] = _block_reduce(e.mul_(shifted.clamp_(min=LOG_ZERO)), torch.sum)
         else:
             partials[..., PARTIAL_SUM] = _block_reduce(shifted.exp_(), torch.sum)
 
@@ -108,7 +109,7 @@ class TorchEpilogue:
         if entropy:
             # z - E[z] = log p + entropy
             p = torch.exp(g, out=self._buffer(1, z))
-            g.add_(stats[:, ENTROPY, None]).mul_(-coef[:, ENTROPY, None]).add_(coef[:, LSE, None]).mul_(p)
+            g.clamp_(min=LOG_ZERO).add_(stats[:, ENTROPY, None]).mul_(-coef[:, ENTROPY, None]).add_(coef[:, LSE, None]).mul_(p)
         else:
             g.exp_().mul_(coef[:, LSE, None])
         if mean:
