@@ -176,7 +176,7 @@ def test_sft_loss_arguments_are_checked():
     hidden, weight, targets, _ = sft_case()
     with pytest.raises(ValueError, match="normalize must be 'tokens', 'sequences' or a number > 0"):
         sft_loss(hidden, weight, targets, normalize="batch")
-    with pytest.raises(ValueError, match="norm_length must be a finite number > 0"):
+    with pytest.raises(ValueError, match="normalize must be .tokens., .sequences. or a number > 0, got 0.0"):
         sft_loss(hidden, weight, targets, normalize=0.0)
     with pytest.raises(ValueError, match="num_items applies to normalize='tokens' or 'sequences'"):
         sft_loss(hidden, weight, targets, normalize=4.0, num_items=3)

@@ -1,6 +1,6 @@
 """The GRPO family: group-normalized advantages, the clipped policy loss with its variants (DAPO
-clip-higher, dual clip, Dr. GRPO aggregation, KL to a reference, entropy bonus, truncated
-importance sampling), and a fused one-call version from hidden states.
+clip-higher, dual clip, CISPO, SAPO, Dr. GRPO aggregation, KL to a reference, entropy bonus,
+truncated importance sampling), and a fused one-call version from hidden states.
 """
 import math
 from dataclasses import dataclass, replace
@@ -10,12 +10,15 @@ from torch import Tensor
 
 from ..api import linear_token_loss
 from ..inputs import is_finite_number
-from .aggregation import aggregate, aggregation_weights, check_mask
+from .aggregation import AGGREGATIONS, aggregation_weights, check_mask
 from .sft import target_mask
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to [-20, 20] before exp, as verl does
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+")
+LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to [-20, 20] before exp, as verl does (TRL does not)
+LOW_VAR_KL_LIMIT = 10.0  # verl clamps the low_var_kl value to [-10, 10]
+NAN_ROLLOUT = ("raise", "ratio_one")
+PG_LOSSES = ("ppo", "cispo", "sapo")
 
 
 def _check_number(name: str, value, *, low: float | None = None, allow_none: bool = False) -> None:
@@ -24,6 +27,16 @@ def _check_number(name: str, value, *, low: float | None = None, allow_none: boo
     if not is_finite_number(value) or (low is not None and value < low):
         bound = "" if low is None else f" >= {low}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def _check_log_ratio_limit(value) -> None:
+    if value is not None and (not is_finite_number(value) or value <= 0):
+        raise ValueError(f"log_ratio_limit must be None or a finite number > 0, got {value!r}")
+
+
+def _check_finite_at(name: str, value: Tensor | None, mask: Tensor) -> None:
+    if value is not None and not bool(torch.isfinite(value[mask]).all()):
+        raise ValueError(f"{name} must be finite at the masked (completion) tokens")
 
 
 def _check_like(name: str, value, like: Tensor) -> Tensor:
@@ -40,7 +53,8 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     ``rewards``: 1-D, ``group_size`` consecutive completions per prompt. ``scale``: ``"group"``
     (unbiased std of the group: GRPO), ``"batch"`` (unbiased std of all rewards: TRL's
     ``scale_rewards="batch"``) or ``"none"`` (no division: Dr. GRPO). A group of one completion,
-    or one whose rewards are all equal, gets advantage 0.
+    or one whose rewards are all equal, gets advantage 0 (also with ``eps=0``). The rewards must
+    be finite in float32, the dtype of the computation.
     """
     if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
         got = (rewards.dtype, tuple(rewards.shape)) if isinstance(rewards, Tensor) else type(rewards).__name__
@@ -52,43 +66,66 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     _check_number("eps", eps, low=0.0)
-    if not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite (map failed or unparseable rewards to a number first)")
+    groups = rewards.float().view(-1, group_size)
+    if not bool(torch.isfinite(groups).all()):
+        raise ValueError("rewards must be finite in float32, the dtype of the computation (map failed or "
+                         "unparseable rewards to a number first, and keep |reward| < 3.4e38)")
 
     def unbiased_std(x: Tensor) -> Tensor:
         centered = x - x.mean(-1, keepdim=True)
         return (centered.square().sum(-1, keepdim=True) / max(x.shape[-1] - 1, 1)).sqrt()
 
-    groups = rewards.float().view(-1, group_size)
     centered = groups - groups.mean(-1, keepdim=True)
     if scale == "group":
         centered = centered / (unbiased_std(groups) + eps)
     elif scale == "batch":
         centered = centered / (unbiased_std(groups.view(1, -1)) + eps)
-    return centered.view(-1)
+    # exactly 0 for equal rewards, where the std is 0 (0 / 0 with eps=0) or the mean rounds off them
+    advantages = torch.where((groups == groups[:, :1]).all(-1, keepdim=True), 0.0, centered)
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("rewards overflow float32 when normalized; scale them down")
+    return advantages.view(-1)
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", *,
+               log_ratio_limit: float | None = LOG_RATIO_LIMIT) -> Tensor:
     """Per-token estimate of ``KL(pi || pi_ref)`` from samples of ``pi``, with ``d = ref - logp``:
-    ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (``d`` clamped to [-20, 20])."""
+
+    - ``"k1"``: ``-d``; ``"k2"``: ``d^2 / 2``;
+    - ``"k3"``: ``exp(d) - d - 1``, ``d`` clamped to ``[-log_ratio_limit, log_ratio_limit]``
+      (None: not clamped, as TRL's estimator);
+    - ``"low_var_kl"``: ``clamp(k3, -10, 10)`` with ``d`` clamped to [-20, 20]: verl's
+      ``"low_var_kl"`` and ``"k3"`` (zero gradient where the value is clamped);
+    - ``"k1+"``, ``"low_var_kl+"``: the value of ``k1`` or ``low_var_kl`` with the gradient of
+      ``k2`` (verl's straight-through ``"k1+"`` and ``"k3+"``/``"low_var_kl+"``).
+    """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    _check_log_ratio_limit(log_ratio_limit)
     d = ref_logprobs - logprobs
+    if estimator.endswith("+"):
+        k2 = 0.5 * d.square()
+        return k2 - k2.detach() + kl_penalty(logprobs, ref_logprobs, estimator[:-1]).detach()
     if estimator == "k1":
         return -d
     if estimator == "k2":
         return 0.5 * d.square()
-    d = d.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if estimator == "low_var_kl":
+        return kl_penalty(logprobs, ref_logprobs, "k3").clamp(-LOW_VAR_KL_LIMIT, LOW_VAR_KL_LIMIT)
+    if log_ratio_limit is not None:
+        d = d.clamp(-log_ratio_limit, log_ratio_limit)
     return torch.expm1(d) - d
 
 
 def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mask: Tensor, *, cap: float = 2.0,
-                                 level: str = "token") -> Tensor:
+                                 level: str = "token", nan_rollout: str = "raise") -> Tensor:
     """Detached ``min(pi_trainer / pi_rollout, cap)``: the correction for a rollout engine whose
     logprobs differ from the trainer's (``[..., T]``, float32, 0 outside ``mask``).
 
     ``level="token"``: per token; ``"sequence"``: the ratio of whole sequences,
-    ``exp(sum_t (logp_trainer - logp_rollout))``, given to each of their tokens.
+    ``exp(sum_t (logp_trainer - logp_rollout))``, given to each of their tokens. Both logprobs must
+    be finite at the masked tokens; ``nan_rollout="ratio_one"`` lets a NaN ``logp_rollout`` (a
+    logprob the engine did not return) count as log-ratio 0, ratio 1, as TRL does.
     """
     if not isinstance(logp_trainer, Tensor) or logp_trainer.dim() < 1:
         raise TypeError("logp_trainer must be a torch.Tensor of shape [..., T]")
@@ -99,7 +136,15 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
         raise ValueError(f"cap must be > 0, got {cap!r}")
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
-    log_ratio = torch.where(mask, logp_trainer.detach().float() - logp_rollout.detach().float(), 0.0)
+    if nan_rollout not in NAN_ROLLOUT:
+        raise ValueError(f"nan_rollout must be one of {NAN_ROLLOUT}, got {nan_rollout!r}")
+    trainer, rollout = logp_trainer.detach().float(), logp_rollout.detach().float()
+    _check_finite_at("logp_trainer", trainer, mask)
+    known = ~rollout.isnan() if nan_rollout == "ratio_one" else torch.ones_like(mask)
+    if not bool(torch.isfinite(rollout[mask & known]).all()):
+        raise ValueError("logp_rollout must be finite at the masked (completion) tokens"
+                         + (" (NaN is allowed with nan_rollout='ratio_one')" if nan_rollout == "raise" else ""))
+    log_ratio = torch.where(mask & known, trainer - rollout, 0.0)
     if level == "sequence":
         log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
     return torch.where(mask, log_ratio.clamp(max=math.log(cap)).exp(), 0.0)
@@ -108,16 +153,23 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                 ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                entropy: Tensor | None = None, entropy_coef: float = 0.0, agg: str = "token-mean",
-                num_items: float | None = None, norm_length: float | None = None,
-                is_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                kl_bias_correction: bool = False, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                entropy_agg: str | None = None, agg: str = "token-mean", num_items: float | None = None,
+                norm_length: float | None = None, count_empty_sequences: bool = False,
+                is_weights: Tensor | None = None, log_ratio_limit: float | None = LOG_RATIO_LIMIT,
+                pg_loss: str = "ppo", sapo_temperatures: tuple[float, float] = (1.0, 1.05)
+                ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss, per token then aggregated::
 
-        r       = exp(clamp(logp - old_logp, -20, 20))
-        L_pg    = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))
+        r       = exp(clamp(logp - old_logp, -log_ratio_limit, log_ratio_limit))
+        L_pg    = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))          pg_loss="ppo"
                   with dual_clip c (A < 0 only): min(L_pg, -A c)
-        L       = is_weights * L_pg + kl_coef * kl_penalty(logp, ref_logp) - entropy_coef * entropy
-        loss    = aggregate(L, mask, agg, num_items, norm_length)
+                  -A sg(min(r, 1 + clip_high)) logp                           "cispo"
+                  -A (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos if A > 0    "sapo"
+                  else tau_neg (sapo_temperatures = (tau_pos, tau_neg))
+        KL      = kl_penalty(logp, ref_logp), times r with kl_bias_correction
+        loss    = aggregate(is_weights * L_pg + kl_coef * KL, mask, agg, num_items, norm_length)
+                  - entropy_coef * aggregate(entropy, mask, entropy_agg or agg, ...)
 
     Args:
         logprobs: ``[..., T]`` under the current policy (differentiable). old_logprobs: the same
@@ -127,14 +179,28 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
         mask: bool ``[..., T]``, True at completion tokens.
         clip_low, clip_high: PPO clip range (DAPO's clip-higher: ``clip_high=0.28``).
         dual_clip: None or c > 1 (e.g. 3.0): bound the loss of negative-advantage tokens by ``-A c``.
-        ref_logprobs, kl_coef, kl_estimator: KL penalty to a reference policy (``"k1"``, ``"k2"``,
-            ``"k3"``; default ``"k3"``, verl's ``low_var_kl`` and TRL's estimator: as a loss term,
-            ``k1``'s gradient is ``grad logp``, whose expectation under the policy is zero).
+        ref_logprobs, kl_coef, kl_estimator: KL penalty to a reference policy, one of
+            :func:`kl_penalty`'s estimators (default ``"k3"``, TRL's; verl's ``"k3"`` is
+            ``"low_var_kl"`` here. As a loss term, ``k1``'s gradient is ``grad logp``, whose
+            expectation under the policy is zero).
+        kl_bias_correction: multiply the KL term by the ratio ``r`` (differentiable, also on
+            policy): TRL's ``use_bias_correction_kl``.
         entropy, entropy_coef: per-token entropy ``[..., T]`` and the bonus coefficient.
-        agg, num_items, norm_length: see :mod:`osft_kernels.losses.aggregation` (``"token-mean"``
-            is DAPO's token-level loss; ``"seq-mean-token-mean"`` the GRPO paper's;
-            ``"seq-mean-token-sum-norm"`` Dr. GRPO's). ``num_items``: global count for gradient accumulation.
-        is_weights: detached per-token truncated importance weights (:func:`truncated_importance_weights`).
+        entropy_agg: None aggregates the entropy like the loss (verl); one of :data:`AGGREGATIONS`
+            aggregates it that way over this call's tokens alone, without ``num_items`` (TRL:
+            ``"token-mean"``, with ``entropy_coef`` divided by the gradient accumulation steps).
+        agg, num_items, norm_length, count_empty_sequences: see
+            :mod:`osft_kernels.losses.aggregation` (``"token-mean"`` is DAPO's token-level loss;
+            ``"seq-mean-token-mean"`` the GRPO paper's; ``"seq-mean-token-sum-norm"`` Dr. GRPO's).
+            ``num_items``: global count for gradient accumulation (and data parallelism: see there).
+        is_weights: detached per-token truncated importance weights (:func:`truncated_importance_weights`),
+            finite and >= 0 at the masked tokens.
+        log_ratio_limit: the clamp of ``logp - old_logp`` before ``exp`` and of ``k3``'s ``d``
+            (verl's 20); None: no clamp (TRL).
+        pg_loss, sapo_temperatures: the policy-gradient term: PPO's clipped ratio, CISPO's
+            truncated detached ratio times ``logp`` (TRL's ``cispo`` with ``epsilon_high`` ``e`` is
+            ``clip_high=e - 1``; ``clip_low`` unused) or SAPO's soft gate (TRL's ``sapo``, its default
+            temperatures); ``dual_clip`` is PPO's only.
 
     Returns ``(loss, metrics)``; metrics are detached masked means over the completion tokens:
     ``clip_frac_low``/``clip_frac_high`` (tokens whose ratio is clipped below/above), ``approx_kl``
@@ -144,9 +210,13 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
         raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
     mask = check_mask(mask, logprobs)
+    _check_finite_at("logprobs", logprobs.detach(), mask)
     terms = _policy_terms(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                           dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                          entropy_coef=entropy_coef, is_weights=is_weights)
+                          kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
+                          agg=agg, num_items=num_items, norm_length=norm_length,
+                          count_empty_sequences=count_empty_sequences, is_weights=is_weights,
+                          log_ratio_limit=log_ratio_limit, pg_loss=pg_loss, sapo_temperatures=sapo_temperatures)
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     # values at masked tokens never matter; zero them so no inf/NaN there can reach a gradient
@@ -154,7 +224,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     if entropy is not None:
         entropy = torch.where(mask, _check_like("entropy", entropy, logprobs), 0.0)
     token_loss, parts = _token_policy_loss(logprobs, entropy, terms)
-    loss = aggregate(token_loss, mask, agg, num_items=num_items, norm_length=norm_length)
+    loss = torch.where(mask, token_loss, 0.0).sum()
     return loss, _policy_metrics(parts, terms, mask)
 
 
@@ -179,28 +249,37 @@ def _policy_metrics(parts: dict[str, Tensor], terms: "_PolicyTerms", mask: Tenso
 @dataclass(frozen=True)
 class _PolicyTerms:
     """The policy loss's per-token inputs besides the current logprobs and entropy (detached, 0 outside
-    the mask, broadcast to the token grid), and its coefficients."""
+    the mask, broadcast to the token grid), its aggregation coefficients, and its coefficients."""
 
     old_logprobs: Tensor | None  # None: on policy, the current logprobs
     advantages: Tensor
     ref_logprobs: Tensor | None
     is_weights: Tensor | None
+    weights: Tensor  # aggregation coefficients of the policy and KL terms
+    entropy_weights: Tensor  # and of the entropy term
     clip_low: float
     clip_high: float
     dual_clip: float | None
     kl_coef: float
     kl_estimator: str
+    kl_bias_correction: bool
     entropy_coef: float
+    log_ratio_limit: float | None
+    pg_loss: str
+    sapo_temperatures: tuple[float, float]
 
     def at(self, index: Tensor) -> "_PolicyTerms":
         """The terms of the tokens at flat positions ``index`` of the grid: ``[r]`` tensors."""
         pick = (lambda t: None if t is None else t.reshape(-1)[index])
         return replace(self, old_logprobs=pick(self.old_logprobs), advantages=pick(self.advantages),
-                       ref_logprobs=pick(self.ref_logprobs), is_weights=pick(self.is_weights))
+                       ref_logprobs=pick(self.ref_logprobs), is_weights=pick(self.is_weights),
+                       weights=pick(self.weights), entropy_weights=pick(self.entropy_weights))
 
 
 def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_low, clip_high, dual_clip,
-                  ref_logprobs, kl_coef, kl_estimator, entropy_coef, is_weights) -> _PolicyTerms:
+                  ref_logprobs, kl_coef, kl_estimator, kl_bias_correction, entropy_coef, entropy_agg, agg, num_items,
+                  norm_length, count_empty_sequences, is_weights, log_ratio_limit, pg_loss,
+                  sapo_temperatures) -> _PolicyTerms:
     """Check the per-token inputs against the token grid ``like [..., T]`` and ``mask``; mask them."""
     if old_logprobs is not None:
         old_logprobs = _check_like("old_logprobs", old_logprobs, like).detach()
@@ -219,30 +298,61 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
     _check_number("dual_clip", dual_clip, allow_none=True)
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
+    if pg_loss not in PG_LOSSES:
+        raise ValueError(f"pg_loss must be one of {PG_LOSSES}, got {pg_loss!r}")
+    if dual_clip is not None and pg_loss != "ppo":
+        raise ValueError(f"dual_clip applies to pg_loss='ppo', not {pg_loss!r}")
+    if (not isinstance(sapo_temperatures, tuple | list) or len(sapo_temperatures) != 2
+            or not all(is_finite_number(t) and t > 0 for t in sapo_temperatures)):
+        raise ValueError(f"sapo_temperatures must be a pair of finite numbers > 0, got {sapo_temperatures!r}")
     _check_number("kl_coef", kl_coef, low=0.0)
     _check_number("entropy_coef", entropy_coef)
+    _check_log_ratio_limit(log_ratio_limit)
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
-        if value is not None and not bool(torch.isfinite(value[mask]).all()):
-            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    if entropy_agg is not None and entropy_agg not in AGGREGATIONS:
+        raise ValueError(f"entropy_agg must be None or one of {AGGREGATIONS}, got {entropy_agg!r}")
     masked = (lambda name, t: None if t is None else torch.where(mask, _check_like(name, t, like).detach(), 0.0))
-    return _PolicyTerms(masked("old_logprobs", old_logprobs), torch.where(mask, advantages, 0.0),
-                        masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights), clip_low,
-                        clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef)
+    ref_logprobs, is_weights = masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights)
+    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                        ("is_weights", is_weights)):
+        _check_finite_at(name, value, mask)
+    if is_weights is not None and bool((is_weights < 0).any()):
+        raise ValueError("is_weights must be >= 0")
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    weights = aggregation_weights(mask, agg, num_items=num_items, norm_length=norm_length,
+                                  count_empty_sequences=count_empty_sequences, dtype=dtype)
+    entropy_weights = weights if entropy_agg is None else aggregation_weights(
+        mask, entropy_agg, norm_length=norm_length, count_empty_sequences=count_empty_sequences, dtype=dtype)
+    return _PolicyTerms(masked("old_logprobs", old_logprobs), torch.where(mask, advantages, 0.0), ref_logprobs,
+                        is_weights, weights, entropy_weights, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
+                        kl_bias_correction, entropy_coef, log_ratio_limit, pg_loss,
+                        (float(sapo_temperatures[0]), float(sapo_temperatures[1])))
 
 
 def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyTerms) -> tuple[Tensor, dict]:
-    """Per-token ``L`` of :func:`policy_loss` (elementwise), and the per-token values its metrics use."""
+    """Per-token ``L`` of :func:`policy_loss` (elementwise) times the aggregation coefficients, and
+    the per-token values its metrics use."""
     old_logprobs = logprobs.detach() if terms.old_logprobs is None else terms.old_logprobs
     advantages = terms.advantages
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    log_ratio = logprobs - old_logprobs
+    if terms.log_ratio_limit is not None:
+        log_ratio = log_ratio.clamp(-terms.log_ratio_limit, terms.log_ratio_limit)
     ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - terms.clip_low, 1 + terms.clip_high)
-    token_loss = torch.maximum(unclipped, clipped)
+    if terms.pg_loss == "cispo":
+        token_loss = -advantages * ratio.detach().clamp(max=1 + terms.clip_high) * logprobs
+    elif terms.pg_loss == "sapo":
+        tau_pos, tau_neg = terms.sapo_temperatures
+        tau = torch.full_like(advantages, tau_neg).masked_fill(advantages > 0, tau_pos)
+        token_loss = -advantages * (4 / tau) * torch.sigmoid(tau * (ratio - 1))
+    else:
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1 - terms.clip_low, 1 + terms.clip_high)
+        token_loss = torch.maximum(unclipped, clipped)
     parts = {"log_ratio": log_ratio.detach(), "ratio": ratio.detach()}
     if terms.dual_clip is not None:
         bound = -advantages * terms.dual_clip
@@ -251,11 +361,14 @@ def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyT
     if terms.is_weights is not None:
         token_loss = token_loss * terms.is_weights
     if terms.ref_logprobs is not None:
-        kl = kl_penalty(logprobs, terms.ref_logprobs, terms.kl_estimator)
+        kl = kl_penalty(logprobs, terms.ref_logprobs, terms.kl_estimator, log_ratio_limit=terms.log_ratio_limit)
+        if terms.kl_bias_correction:
+            kl = kl * ratio
         token_loss = token_loss + terms.kl_coef * kl
         parts["kl"] = kl.detach()
+    token_loss = terms.weights * token_loss
     if entropy is not None:
-        token_loss = token_loss - terms.entropy_coef * entropy
+        token_loss = token_loss - terms.entropy_coef * (terms.entropy_weights * entropy)
         parts["entropy"] = entropy.detach()
     return token_loss, parts
 
@@ -263,9 +376,12 @@ def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyT
 def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor | None, advantages: Tensor, *,
               ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None, clip_low: float = 0.2,
               clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-              entropy_coef: float = 0.0, agg: str = "token-mean", num_items: float | None = None,
-              norm_length: float | None = None, temperature: float | Tensor = 1.0, ignore_index: int = -100,
-              bias: Tensor | None = None, softcap: float | None = None, shift: bool = False, backend: str = "auto",
+              kl_bias_correction: bool = False, entropy_coef: float = 0.0, entropy_agg: str | None = None,
+              agg: str = "token-mean", num_items: float | None = None, norm_length: float | None = None,
+              count_empty_sequences: bool = False, log_ratio_limit: float | None = LOG_RATIO_LIMIT,
+              pg_loss: str = "ppo", sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+              temperature: float | Tensor = 1.0, ignore_index: int = -100, bias: Tensor | None = None,
+              softcap: float | None = None, shift: bool = False, backend: str = "auto",
               **kernel_options) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`policy_loss` of the completion tokens, straight from hidden states, in one fused pass
     (:func:`osft_kernels.linear_token_loss`, with the entropy when ``entropy_coef != 0``): every
@@ -281,11 +397,13 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
     grid = torch.zeros(mask.shape, device=hidden.device)
     terms = _policy_terms(grid, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                           dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                          entropy_coef=entropy_coef, is_weights=is_weights)
-    coef = aggregation_weights(mask, agg, num_items=num_items, norm_length=norm_length).reshape(-1)
+                          kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
+                          agg=agg, num_items=num_items, norm_length=norm_length,
+                          count_empty_sequences=count_empty_sequences, is_weights=is_weights,
+                          log_ratio_limit=log_ratio_limit, pg_loss=pg_loss, sapo_temperatures=sapo_temperatures)
 
     def token_loss(logprobs: Tensor, entropy: Tensor | None, index: Tensor) -> Tensor:
-        return coef[index] * _token_policy_loss(logprobs, entropy, terms.at(index))[0]
+        return _token_policy_loss(logprobs, entropy, terms.at(index))[0]
 
     loss, out = linear_token_loss(hidden, weight, targets, token_loss, return_entropy=bool(entropy_coef),
                                   temperature=temperature, ignore_index=ignore_index, bias=bias, softcap=softcap,

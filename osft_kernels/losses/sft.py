@@ -63,6 +63,8 @@ def sft_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, weights: Tensor
             raise ValueError(f"normalize must be 'tokens', 'sequences' or a number > 0, got {normalize!r}")
         coef = aggregation_weights(mask, NORMALIZATIONS[normalize], num_items=num_items)
     else:
+        if not inputs.is_finite_number(normalize) or normalize <= 0:
+            raise ValueError(f"normalize must be 'tokens', 'sequences' or a number > 0, got {normalize!r}")
         if num_items is not None:
             raise ValueError("num_items applies to normalize='tokens' or 'sequences', not to a constant")
         coef = aggregation_weights(mask, "constant", norm_length=normalize)
