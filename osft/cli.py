@@ -1,6 +1,6 @@
 """The ``osft`` command (also ``python -m osft``)::
 
-    osft train CONFIG.yaml [key.sub=value ...] [--no-progress]
+    osft train CONFIG.yaml [key.sub=value ...] [--no-progress] [--allow-config-change]
     osft score CONFIG.yaml --output FILE.parquet [--temperature T] [key.sub=value ...]
     osft eval CONFIG.yaml [key.sub=value ...]      (model.path on eval.data; written to run_dir/eval.jsonl)
     osft demo [--model smollm2-135m] [--ablation] ...  (OSFT vs GRPO on the built-in task; see osft.demo)
@@ -18,6 +18,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
     if command == "train":
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--allow-config-change", action="store_true",
+                            help="resume even if the training config differs from the checkpoint's, applying the "
+                                 "new values (resume_changed=allow)")
     elif command == "score":
         parser.add_argument("--output", required=True, help="the .parquet file to write")
         parser.add_argument("--temperature", type=float, default=1.0, help="the behavior policy's temperature")
@@ -42,14 +45,31 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
         return demo_main(rest)
     args = _command_parser(known.command).parse_intermixed_args(rest)
+    if getattr(args, "allow_config_change", False):
+        args.overrides.append("resume_changed=allow")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"osft: bad config: {error}", file=sys.stderr)
         return 2
-    if known.command == "eval":
+    from .data import DataError
+    from .train import RunError
+    try:
+        return _run(known.command, config, args)
+    except ConfigError as error:
+        print(f"osft: bad config: {error}", file=sys.stderr)
+    except DataError as error:
+        print(f"osft: bad data: {error}", file=sys.stderr)
+    except RunError as error:
+        print(f"osft: {error}", file=sys.stderr)
+    return 2
+
+
+def _run(command: str, config, args) -> int:
+    """Runs ``command``; config, data and run-directory errors reach :func:`main` as exit code 2."""
+    if command == "eval":
         return _evaluate(config)
-    if known.command == "score":
+    if command == "score":
         from .scoring import score_file
         print(f"wrote {score_file(config, Path(args.output), temperature=args.temperature)}")
         return 0

@@ -1,10 +1,12 @@
 """The run configuration: one dataclass tree, read from YAML plus dotted ``key.sub=value`` overrides.
 
-Unknown keys and values of the wrong type or outside their choices are refused with the full
-dotted name of the key; the resolved configuration is written into the run directory.
+Unknown keys and values of the wrong type, outside their choices or outside their range are refused
+with the full dotted name of the key; ``~`` and environment variables in paths are expanded; the
+resolved configuration is written into the run directory.
 """
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,7 +109,7 @@ class GRPOConfig:
     clip_high: float = 0.2               # DAPO clip-higher: 0.28
     dual_clip: float = 0.0               # 0: off; else c > 1 (e.g. 3.0)
     kl_coef: float = 0.0                 # > 0 loads a frozen copy of the initial model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+"] = "k3"  # see losses.kl_penalty
     entropy_coef: float = 0.0
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     num_iterations: int = 1              # optimizer steps per generated batch
@@ -126,7 +128,8 @@ class Config:
     prompts_per_step: int = 8
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     keep_last: int = 2                   # checkpoints kept (0: none are written)
-    resume: Literal["auto", "never"] = "auto"
+    resume: Literal["auto", "never"] = "auto"  # never: a run_dir holding checkpoints is refused
+    resume_changed: Literal["refuse", "allow"] = "refuse"  # allow: resume with a changed training config
     log_every: int = 1
     tensorboard: bool = False            # also write metrics to run_dir/tensorboard
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,6 +150,16 @@ _POSITIVE = {"epochs", "prompts_per_step", "log_every", "lr", "max_new_tokens", 
              "vllm_memory_fraction"}
 _NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
                  "dual_clip", "kl_coef", "is_cap", "every", "max_prompts", "max_rollout_tokens", "keep_last"}
+_RANGES = {  # dotted key: (the test, the range as stated in the error)
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (what the RNG seeding functions accept)"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.vllm_memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "pear.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "grpo.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+_PATHS = ("run_dir", "model.path", "data.train", "eval.data")  # ~ and $VARS are expanded
 
 
 def _convert(value, kind, key: str):
@@ -203,6 +216,10 @@ def _build(cls, data: dict, prefix: str = ""):
                     raise ConfigError(f"{key} must be > 0, got {value!r}")
                 if name in _NON_NEGATIVE and value < 0:
                     raise ConfigError(f"{key} must be >= 0, got {value!r}")
+                if key in _RANGES and not _RANGES[key][0](value):
+                    raise ConfigError(f"{key} must be {_RANGES[key][1]}, got {value!r}")
+            if key in _PATHS and value:
+                value = os.path.expandvars(os.path.expanduser(value))
             values[name] = value
     return cls(**values)
 
@@ -242,16 +259,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if not config.data.train:
         raise ConfigError("data.train is required: a .jsonl or .parquet file")
     pear = config.pear
-    if pear.gamma > 1 or pear.log_ratio_clip_low > pear.log_ratio_clip_high or \
-            pear.log_weight_clip_low > pear.log_weight_clip_high:
-        raise ConfigError("pear needs gamma in (0, 1] and each clip's low <= high")
-    if config.grpo.clip_low >= 1:
-        raise ConfigError(f"grpo.clip_low must be below 1, got {config.grpo.clip_low}")
+    if pear.log_ratio_clip_low > pear.log_ratio_clip_high or pear.log_weight_clip_low > pear.log_weight_clip_high:
+        raise ConfigError("pear needs each clip's low <= high (pear.log_ratio_clip_*, pear.log_weight_clip_*)")
     if config.grpo.dual_clip and config.grpo.dual_clip <= 1:
         raise ConfigError(f"grpo.dual_clip must be 0 (off) or > 1, got {config.grpo.dual_clip}")
     if config.osft.tau_s_start > config.osft.tau_t:
         raise ConfigError(f"osft.tau_s_start ({config.osft.tau_s_start}) above osft.tau_t ({config.osft.tau_t}) "
                           "trains toward a flatter distribution; OSFT needs tau_s <= tau_t")
+    if config.recipe == "grpo" and config.grpo.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations must be >= 2 (GRPO compares the rollouts of a group), "
+                          f"got {config.grpo.num_generations}")
     return config
 
 

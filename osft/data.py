@@ -1,4 +1,5 @@
 """Training data from local files, the prompt formatting, and the tokenized batches the recipes train on."""
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,22 +11,100 @@ from .config import DataConfig
 IGNORE = -100
 
 
-def load_rows(path: str, required: list[str]) -> list[dict]:
-    """The rows of a local ``.jsonl`` / ``.json`` / ``.parquet`` file (read with HF ``datasets``)."""
-    import datasets
+class DataError(ValueError):
+    """A data file or row that cannot be used, with the file, line or row, and column."""
 
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(path).suffix)
-    if kind is None:
-        raise ValueError(f"data file {path} must end in .jsonl, .json or .parquet")
+
+class Row(dict):
+    """A data row that remembers where it was read (``where``: the file and line or row), for error messages."""
+
+    def __init__(self, values: dict, where: str):
+        super().__init__(values)
+        self.where = where
+
+
+def where(row: dict) -> str:
+    """The file and line or row of ``row`` (rows made in code: "a data row")."""
+    return getattr(row, "where", "a data row")
+
+
+def load_rows(path: str, required: list[str]) -> list[dict]:
+    """The rows of a local ``.jsonl`` (one JSON object per line), ``.json`` (an array of objects, or
+    one object per line) or ``.parquet`` file, as :class:`Row`.
+
+    Raises :class:`DataError` naming the file and line (``.jsonl``) or row index (from 0) when the
+    file is empty or unreadable, or a row lacks a ``required`` column or holds null there; e.g. a
+    null gold answer is refused here rather than left for the reward, which could not judge it.
+    """
+    kind = Path(path).suffix
+    if kind not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"data file {path} must end in .jsonl, .json or .parquet")
     if not Path(path).is_file():
-        raise ValueError(f"data file {path} does not exist")
-    table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    missing = [column for column in required if column not in table.column_names]
-    if missing:
-        raise ValueError(f"data file {path} has no column {missing[0]!r} (columns: {table.column_names})")
-    if len(table) == 0:
-        raise ValueError(f"data file {path} has no rows")
-    return table.to_list()
+        raise DataError(f"data file {path} does not exist")
+    rows = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[kind](path)
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    for row in rows:
+        for column in required:
+            if column not in row:
+                raise DataError(f"{row.where} has no column {column!r} (columns: {sorted(row)})")
+            if row[column] is None:
+                raise DataError(f"{row.where}: column {column!r} is null")
+    return rows
+
+
+def _read_jsonl(path: str) -> list[Row]:
+    rows = []
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            at = f"data file {path} line {number}"
+            try:
+                value = json.loads(line.rstrip(b"\r\n"))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{at} column {error.colno}: not valid JSON ({error.msg})") from None
+            except UnicodeDecodeError as error:
+                raise DataError(f"{at} byte {error.start + 1}: not UTF-8 text") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{at}: expected a JSON object, got {type(value).__name__}")
+            rows.append(Row(value, at))
+    return rows
+
+
+def _read_json(path: str) -> list[Row]:
+    text = Path(path).read_bytes()
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several values: JSON lines
+            return _read_jsonl(path)
+        raise DataError(f"data file {path} line {error.lineno} column {error.colno}: not valid JSON "
+                        f"({error.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 text") from None
+    if not isinstance(value, list):  # a single object: JSON lines
+        return _read_jsonl(path)
+    rows = []
+    for index, item in enumerate(value):
+        at = f"data file {path} row index {index}"
+        if not isinstance(item, dict):
+            raise DataError(f"{at}: expected a JSON object, got {type(item).__name__}")
+        rows.append(Row(item, at))
+    return rows
+
+
+def _read_parquet(path: str) -> list[Row]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"data file {path} is not a readable parquet file: {error}") from None
+    return [Row(row, f"data file {path} row index {index}") for index, row in enumerate(table.to_pylist())]
 
 
 def prompt_text(prompt, tokenizer) -> str:
@@ -131,19 +210,55 @@ def micro_batches(sequences: Sequences, token_budget: int) -> list[Sequences]:
     return groups
 
 
+def _prompt(row: dict, column: str):
+    """``row[column]``, refused unless it is text or chat messages."""
+    prompt = row[column]
+    messages = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                           for m in prompt)
+    if not isinstance(prompt, str) and not messages:
+        raise DataError(f"{where(row)}: column {column!r} must be text or chat messages "
+                        f"[{{\"role\": ..., \"content\": ...}}], got {prompt!r:.100}")
+    return prompt
+
+
 def tokenize_prompts(rows: list[dict], config: DataConfig, tokenizer) -> list[list[int]]:
     """Prompt token ids, left-truncated to ``max_prompt_tokens`` (the end of a prompt matters most)."""
     prompts = []
     for row in rows:
-        ids = tokenizer(prompt_text(row[config.prompt_column], tokenizer), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt_text(_prompt(row, config.prompt_column), tokenizer), add_special_tokens=False)["input_ids"]
         prompts.append(ids[-config.max_prompt_tokens:])
     return prompts
 
 
+def _response_ids(row: dict, config: DataConfig, tokenizer) -> list[int]:
+    """All the token ids of the row's response followed by EOS, refused unless the response is text."""
+    response = row[config.response_column]
+    if not isinstance(response, str):
+        raise DataError(f"{where(row)}: column {config.response_column!r} must be text, got {response!r:.100}")
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def tokenize_responses(rows: list[dict], config: DataConfig, tokenizer) -> list[list[int]]:
     """Response token ids followed by EOS, truncated to ``max_response_tokens``."""
-    responses = []
+    return [_response_ids(row, config, tokenizer)[:config.max_response_tokens] for row in rows]
+
+
+def response_values(rows: list[dict], column: str, config: DataConfig, tokenizer) -> list[list[float]]:
+    """The per-token values in ``column`` (e.g. ``osft score``'s behavior logprobs: one per response
+    token, EOS included), cut like :func:`tokenize_responses`. A row whose list does not fit its
+    response under this tokenizer is refused, naming the row and column: it may lack only the
+    tokens that ``max_response_tokens`` cuts off."""
+    out = []
     for row in rows:
-        ids = tokenizer(row[config.response_column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        responses.append(ids[:config.max_response_tokens])
-    return responses
+        values = row[column]
+        if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+            raise DataError(f"{where(row)}: column {column!r} must be a list of numbers, got {values!r:.100}")
+        total = len(_response_ids(row, config, tokenizer))
+        used = min(total, config.max_response_tokens)
+        if not used <= len(values) <= total:
+            expected = total if used == total else f"{used} to {total}"
+            raise DataError(f"{where(row)}: {column} has {len(values)} values for a response of {total} tokens "
+                            f"(EOS included) with this tokenizer, expected {expected}: score the data with this "
+                            f"model's tokenizer (osft score)")
+        out.append(values[:used])
+    return out

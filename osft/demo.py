@@ -30,7 +30,7 @@ from .config import Config, DataConfig, EvalConfig, GRPOConfig, ModelConfig, Opt
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import load_causal_lm
 from .packaged import resolve_model_path
-from .tasks import write_task
+from .tasks import MAX_DIFFICULTY, write_task
 from .train import seed_everything, train
 
 _HELP = {
@@ -76,9 +76,12 @@ class DemoSettings:
         for name in ("train_prompts", "eval_prompts", "eval_samples", "prompts_per_step", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "difficulty", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if not 0 <= self.difficulty <= MAX_DIFFICULTY:
+            raise ValueError(f"--difficulty must be in [0, {MAX_DIFFICULTY}], got {self.difficulty}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32) (what the RNG seeding functions accept), got {self.seed}")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations must be >= 2 (GRPO compares rollouts within a group), "
                              f"got {self.num_generations}")

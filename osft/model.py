@@ -1,13 +1,15 @@
 """A local transformers causal LM, seen as a decoder producing hidden states plus an output head
 that the fused losses consume (so training never materializes full-vocabulary logits)."""
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ModelConfig
-from .packaged import resolve_model_path
+from .config import ConfigError, ModelConfig
+from .packaged import PACKAGED_MODELS, resolve_model_path
 
 
 @dataclass
@@ -65,17 +67,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _unreadable_safetensors(directory: str) -> list[str]:
+    """The ``*.safetensors`` files in ``directory`` whose header does not read (e.g. truncated ones)."""
+    unreadable = []
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError:
+            unreadable.append(str(file))
+    return unreadable
+
+
 def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     """Load ``config.path``: a local directory, or a packaged model's name (:mod:`osft.packaged`);
-    nothing is downloaded."""
+    nothing is downloaded. A path that is not a model directory with its tokenizer and readable
+    weights raises :class:`ConfigError` naming it."""
     path = resolve_model_path(config.path)
+    if not Path(path).is_dir():
+        raise ConfigError(f"model.path {config.path!r} is neither a directory nor a packaged model name "
+                          f"({', '.join(PACKAGED_MODELS)})")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path {path!r} has no config.json: not a transformers model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = error if any(Path(path).glob("tokenizer*")) else "no tokenizer files there"
+        raise ConfigError(f"model.path {path!r} has no loadable tokenizer ({reason}); save the tokenizer into the "
+                          f"model directory with tokenizer.save_pretrained") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(config.dtype, device),
                                                      local_files_only=True)
-    except OSError as error:
-        raise ValueError(f"model.path {config.path!r} is not a loadable local transformers model directory: "
-                         f"{error}") from None
+    except (OSError, SafetensorError) as error:
+        unreadable = ", ".join(_unreadable_safetensors(path)) or path
+        raise ConfigError(f"model.path {path!r}: cannot read the weights in {unreadable} (truncated or corrupt?): "
+                          f"{error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -1,6 +1,7 @@
 """Rewards: ``reward(prompts, completions, **columns) -> list[float | None]``, one value per
-completion; ``None`` when the completion cannot be judged (e.g. an unparseable gold answer).
-Columns are the dataset's, one entry per completion (``answer`` for both rewards here)."""
+completion; ``None`` when the completion cannot be judged: the gold answer is missing (None or
+blank) or does not parse. Columns are the dataset's, one entry per completion (``answer`` for both
+rewards here)."""
 import re
 import threading
 
@@ -15,16 +16,23 @@ def strip_answer_tags(text: str) -> str:
     return re.sub(r"</?answer>", " ", text)
 
 
+def _gold(answer) -> str | None:
+    """The gold answer as text; None when it is missing (None or blank), so it cannot be judged."""
+    text = "" if answer is None else str(answer)
+    return text if text.strip() else None
+
+
 def math_reward(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float | None]:
     """1.0 when the completion's final answer (``\\boxed{}``, ``$...$`` or a plain expression, found by
     math-verify) equals the gold ``answer`` mathematically, 0.0 when not, None when the gold answer
-    itself does not parse."""
+    is missing or does not parse."""
     from math_verify import parse, verify
 
     rewards = []
-    for completion, gold in zip(completions, answer, strict=True):
-        gold_parsed = (parse(str(gold), fallback_mode="no_fallback", parsing_timeout=_timeout())
-                       or parse(f"${gold}$", fallback_mode="no_fallback", parsing_timeout=_timeout()))
+    for completion, gold in zip(completions, map(_gold, answer), strict=True):
+        gold_parsed = gold is not None and (
+            parse(gold, fallback_mode="no_fallback", parsing_timeout=_timeout())
+            or parse(f"${gold}$", fallback_mode="no_fallback", parsing_timeout=_timeout()))
         if not gold_parsed:
             rewards.append(None)
             continue
@@ -50,9 +58,10 @@ def _normalize(text: str) -> str:
 
 
 def exact_match_reward(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float | None]:
-    """1.0 when the completion's final answer equals ``answer`` after lower-casing and collapsing spaces."""
-    return [1.0 if _normalize(final_answer(c)) == _normalize(str(a)) else 0.0
-            for c, a in zip(completions, answer, strict=True)]
+    """1.0 when the completion's final answer equals ``answer`` after lower-casing and collapsing spaces,
+    0.0 when not, None when the gold answer is missing."""
+    return [None if a is None else float(_normalize(final_answer(c)) == _normalize(a))
+            for c, a in zip(completions, map(_gold, answer), strict=True)]
 
 
 REWARDS = {"math": math_reward, "exact_match": exact_match_reward}

@@ -3,7 +3,8 @@ word problems, split into disjoint train and held-out eval sets. Each row has a 
 and an integer ``answer`` that :func:`osft.rewards.math_reward` checks.
 
 ``difficulty`` sets the number of operations (1 + difficulty) and the operand range (up to
-``10 ** (1 + difficulty // 2)``); the demo picks the level by measuring the base model.
+``10 ** (1 + difficulty // 2)``), up to ``MAX_DIFFICULTY``; the demo picks the level by measuring
+the base model.
 """
 import json
 import random
@@ -11,6 +12,9 @@ from pathlib import Path
 
 INSTRUCTION = "Give a short solution and put the final answer within \\boxed{{}}.\n\n{question}"
 
+# 21 operations on operands of up to 11 digits: prompts of a few hundred characters, already far
+# beyond what the packaged models solve (the prompt grows with the square of the level)
+MAX_DIFFICULTY = 20
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
 
@@ -54,8 +58,10 @@ def _word_problem(rng: random.Random, difficulty: int) -> tuple[str, int]:
 def generate_task(seed: int = 0, *, train_size: int = 256, eval_size: int = 64,
                   difficulty: int = 0) -> tuple[list[dict], list[dict]]:
     """``(train_rows, eval_rows)``: distinct questions, half arithmetic and half word problems."""
-    if difficulty < 0 or train_size < 0 or eval_size < 0:
-        raise ValueError("difficulty, train_size and eval_size must be >= 0")
+    if not 0 <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty must be in [0, {MAX_DIFFICULTY}], got {difficulty}")
+    if train_size < 0 or eval_size < 0:
+        raise ValueError("train_size and eval_size must be >= 0")
     rng = random.Random(seed)
     seen, rows = set(), []
     attempts = 0

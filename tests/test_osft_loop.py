@@ -383,8 +383,9 @@ def test_vllm_engine_absence_is_reported(tmp_path, model_dir, data_file, monkeyp
 @pytest.mark.parametrize("recipe", ["sft", "osft", "pear", "grpo"])
 def test_every_recipe_runs_from_the_cli(tmp_path, model_dir, data_file, recipe):
     data = data_file
-    if recipe == "pear":  # PEAR reads behavior logprobs; constant ones are enough to run
-        data = write_rows(tmp_path / "pear.jsonl", [{**r, "behavior_logprobs": [-1.0] * 32} for r in arithmetic_rows()])
+    if recipe == "pear":  # PEAR reads behavior logprobs, one per response word and EOS; constant ones are enough
+        data = write_rows(tmp_path / "pear.jsonl", [{**r, "behavior_logprobs": [-1.0] * (len(r["response"].split()) + 1)}
+                                                    for r in arithmetic_rows()])
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "osft", "train", "/dev/null", "--no-progress",
                              *base_overrides(model_dir, data, run_dir, recipe), "max_steps=2", "tensorboard=true",

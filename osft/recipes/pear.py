@@ -6,7 +6,7 @@ from torch import Tensor
 from osft_kernels.losses import pear_loss
 
 from ..config import Config
-from ..data import Sequences, pack, tokenize_prompts, tokenize_responses
+from ..data import Sequences, pack, response_values, tokenize_prompts, tokenize_responses
 from ..model import CausalLM
 
 
@@ -19,16 +19,9 @@ class PEARRecipe:
 
     def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
         data, tokenizer = self.config.data, self.lm.tokenizer
-        responses = tokenize_responses(rows, data, tokenizer)
-        behavior = []
-        for row, response in zip(rows, responses):
-            values = list(row[data.behavior_logprobs_column])
-            if len(values) < len(response):
-                raise ValueError(f"{data.behavior_logprobs_column} has {len(values)} values for a response of "
-                                 f"{len(response)} tokens: score the data with this tokenizer (osft score)")
-            behavior.append(values[:len(response)])
-        batch = pack(tokenize_prompts(rows, data, tokenizer), responses, tokenizer.pad_token_id,
-                     {"behavior_logprobs": behavior})
+        behavior = response_values(rows, data.behavior_logprobs_column, data, tokenizer)
+        batch = pack(tokenize_prompts(rows, data, tokenizer), tokenize_responses(rows, data, tokenizer),
+                     tokenizer.pad_token_id, {"behavior_logprobs": behavior})
         return batch, {}
 
     def num_items(self, batch: Sequences) -> float:
