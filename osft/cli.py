@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"osft: bad config: {error}", file=sys.stderr)
         return 2
     from .data import DataError
-    from .train import RunError
+    from .run_dir import RunError
     try:
         return _run(known.command, config, args)
     except ConfigError as error:

@@ -17,7 +17,8 @@ from tiny_lm import arithmetic_rows, build_tiny_model, write_rows
 from osft.cli import main as cli_main
 from osft.config import ConfigError, load_config
 from osft.model import load_causal_lm
-from osft.train import Checkpoints, RunError, drop_logged_after, train
+from osft.run_dir import Checkpoints, RunError, drop_logged_after
+from osft.train import train
 
 
 @pytest.fixture(scope="module")
