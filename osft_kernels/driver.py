@@ -406,16 +406,28 @@ class RowStatsFunction(torch.autograd.Function):
     def backward(ctx, grad_stats):
         _check_backward_mode()
         hidden, weight, bias, stats, targets, temperature = ctx.saved_tensors
-        rows = replace(ctx.rows, targets=targets, temperature=ctx.rows.temperature if temperature is None else temperature)
-        driver = _Driver(ctx.epilogue, weight, bias, ctx.softcap, hidden.shape[0], entropy=ctx.entropy,
-                         memory_budget=ctx.memory_budget, full_rows=False)
-        coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
-        entropy = ctx.entropy and bool(coef[:, ENTROPY].any())
-        mean = ctx.mean and bool(coef[:, MEAN_LOGIT].any())
-        grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, ctx.needs_input_grad[:3])
-        with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
-            driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
-        return (*_cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype)), *[None] * 6)
+        rows = replace(ctx.rows, hidden=hidden, targets=targets,
+                       temperature=ctx.rows.temperature if temperature is None else temperature)
+        grads = row_stats_grads(ctx.epilogue, rows, weight, bias, ctx.softcap, stats, grad_stats, entropy=ctx.entropy,
+                                mean=ctx.mean, memory_budget=ctx.memory_budget, needs=ctx.needs_input_grad[:3])
+        return (*grads, *[None] * 6)
+
+
+def row_stats_grads(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                    stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, memory_budget: int | None,
+                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for ``(rows.hidden, weight, bias)`` (those ``needs`` asks for, in their dtypes) from the
+    upstream gradient ``grad_stats [n, 4]`` on the statistics ``stats [n, 4]``, recomputing the logits."""
+    hidden = rows.hidden
+    driver = _Driver(epilogue, weight, bias, softcap, hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
+                     full_rows=False)
+    coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
+    entropy = entropy and bool(coef[:, ENTROPY].any())
+    mean = mean and bool(coef[:, MEAN_LOGIT].any())
+    grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, needs)
+    with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
+        driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
+    return _cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype))
 
 
 class SummedLossFunction(torch.autograd.Function):

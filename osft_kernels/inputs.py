@@ -68,6 +68,13 @@ def check_head(hidden, weight, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([{INT64_MIN}, {INT64_MAX}]), got {ignore_index}")
+
+
 def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Tensor:
     """Integer ``targets`` shaped like ``hidden.shape[:-1]`` with values in ``[0, V)`` or ``ignore_index``.
 
@@ -75,10 +82,7 @@ def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Ten
     narrow integer types cannot wrap around ``ignore_index`` or ``V``.
     """
     targets = require_tensor("targets", targets)
-    if not isinstance(ignore_index, Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not INT64_MIN <= ignore_index <= INT64_MAX:
-        raise ValueError(f"ignore_index must fit in int64 ([{INT64_MIN}, {INT64_MAX}]), got {ignore_index}")
+    check_ignore_index(ignore_index)
     if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor (e.g. torch.long), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
@@ -199,8 +203,8 @@ class TokenRows:
     ``hidden [n, D]`` (a view or a gathered copy of the caller's tensor, still on the autograd
     graph), ``targets [n]`` int64, ``temperature`` a float or a detached ``[n]`` tensor,
     ``weights`` a detached ``[n]`` tensor or None; all tensors but ``hidden`` are in the compute dtype.
-    ``out_index [n]`` holds each row's position in the flattened output (None: rows are the output,
-    in order).
+    ``out_index [n]`` holds each row's position in the flattened output and ``hidden_index [n]`` its
+    row of the flattened caller's ``hidden`` (both None: rows are the output and hidden, in order).
     """
 
     hidden: Tensor
@@ -209,13 +213,27 @@ class TokenRows:
     weights: Tensor | None
     out_shape: torch.Size
     out_index: Tensor | None
+    hidden_index: Tensor | None = None
 
     def scatter(self, values: Tensor) -> Tensor:
-        """Per-row ``[n]`` values to the output shape, 0 at ignored positions (differentiable)."""
+        """Per-row ``[n, ...]`` values to ``[*out_shape, ...]``, 0 at ignored positions (differentiable)."""
+        shape = (*self.out_shape, *values.shape[1:])
         if self.out_index is None:
-            return values.reshape(self.out_shape)
-        out = values.new_zeros(self.out_shape.numel()).index_copy(0, self.out_index, values)
-        return out.view(self.out_shape)
+            return values.reshape(shape)
+        out = values.new_zeros(self.out_shape.numel(), *values.shape[1:]).index_copy(0, self.out_index, values)
+        return out.view(shape)
+
+    def gather(self, grid: Tensor) -> Tensor:
+        """The rows ``[n, ...]`` of per-position values ``[*out_shape, ...]``: the inverse of :meth:`scatter`."""
+        flat = grid.reshape(self.out_shape.numel(), *grid.shape[len(self.out_shape):])
+        return flat if self.out_index is None else flat[self.out_index]
+
+    def hidden_grad(self, d_rows: Tensor, hidden_shape: torch.Size) -> Tensor:
+        """A gradient for the rows ``[n, D]`` as a gradient of the caller's ``hidden`` (0 at unused positions)."""
+        if self.hidden_index is None:
+            return d_rows.reshape(hidden_shape)
+        d_hidden = d_rows.new_zeros(hidden_shape.numel() // hidden_shape[-1], hidden_shape[-1])
+        return d_hidden.index_copy_(0, self.hidden_index, d_rows).view(hidden_shape)
 
 
 def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_index: int,
@@ -243,7 +261,7 @@ def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_
     flat_targets = targets.reshape(-1)
     keep = flat_targets != ignore_index
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
-    out_index = None
+    out_index = source_rows = None
     if shift or not bool(keep.all()):
         out_index = keep.nonzero().squeeze(1)
         source_rows = out_index if positions is None else positions.reshape(-1)[out_index]
@@ -260,4 +278,20 @@ def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_
         weights=None if weights is None else rows_of(weights),
         out_shape=targets.shape,
         out_index=out_index,
+        hidden_index=source_rows,
     )
+
+
+def prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights=None) -> "TokenRows":
+    """Check the arguments shared by the public ops and flatten the batch to :class:`TokenRows`."""
+    check_head(hidden, weight, bias)
+    targets = check_targets(targets, hidden, weight.shape[0], ignore_index)
+    dtype = compute_dtype(hidden.dtype)
+    check_temperature(temperature, targets, dtype)
+    check_positive_number("softcap", softcap, allow_none=True)
+    if softcap is not None:
+        check_in_compute_dtype("softcap", softcap, dtype)
+    check_weights(weights, targets)
+    check_flag("shift", shift)
+    return token_rows(hidden, targets, temperature=temperature, weights=weights, ignore_index=int(ignore_index),
+                      shift=shift)

@@ -22,7 +22,7 @@ NUM_STATS = 4
 
 
 class RowStats(NamedTuple):
-    """Views of the columns of a ``[n, 4]`` statistics tensor; each is ``[n]``."""
+    """Views of the columns of a ``[..., 4]`` statistics tensor; each is ``[...]``."""
 
     lse: Tensor
     target_logit: Tensor
@@ -31,7 +31,7 @@ class RowStats(NamedTuple):
 
     @classmethod
     def of(cls, stats: Tensor) -> "RowStats":
-        return cls(*stats.unbind(1))
+        return cls(*stats.unbind(-1))
 
 
 def token_logprobs(stats: RowStats) -> Tensor:

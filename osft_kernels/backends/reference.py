@@ -1,5 +1,7 @@
 """Reference backend: materializes the ``[n, V]`` logits in the compute dtype and lets autograd
 differentiate them. Ground truth for the chunked backends and fine for tiny inputs; memory O(n V)."""
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,21 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
         logits.mean(dim=-1) if mean else zero,
         _entropy(logits) if entropy else zero,
     ], dim=1)
+
+
+def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
+                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
+                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, 4]``, by ``torch.func.vjp`` of a
+    recomputation of the statistics (``stats`` is unused; ``torch.func`` also runs inside a custom op)."""
+    def recompute(hidden: Tensor, weight: Tensor, *bias: Tensor) -> Tensor:
+        return row_stats(replace(rows, hidden=hidden), weight, bias[0] if bias else None, softcap, entropy=entropy,
+                         mean=mean, options=options)
+
+    primals = [x.detach() for x in (rows.hidden, weight, bias) if x is not None]
+    stats, vjp = torch.func.vjp(recompute, *primals)
+    grads = (*vjp(grad_stats.to(stats.dtype)), None)
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _entropy(logits: Tensor) -> Tensor:

@@ -133,3 +133,12 @@ def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: f
     """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
     return driver.summed_loss(TorchEpilogue(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
                               memory_budget=options.memory_budget)
+
+
+def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
+                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
+                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, 4]`` (:func:`osft_kernels.driver.row_stats_grads`)."""
+    return driver.row_stats_grads(TorchEpilogue(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+                                  mean=mean, memory_budget=options.memory_budget, needs=needs)
+
