@@ -24,8 +24,9 @@ from triton.testing import do_bench
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends import triton_chunked
 from osft_kernels.device_info import describe
-from osft_kernels.driver import VOCAB_BLOCK, Gemms, _float32_accumulator_addmm, ceil_div
+from osft_kernels.driver import NUM_PARTIALS, VOCAB_BLOCK, Gemms, _float32_accumulator_addmm, ceil_div
 from osft_kernels.inputs import token_rows
+from osft_kernels.row_stats import NUM_STATS
 from osft_kernels.triton_kernels import configs
 
 GIB = 2**30
@@ -164,14 +165,14 @@ def _chunk_stages(h, wt, t, v):
     (r, d), w = h.shape, wt.shape[0]
     logits = torch.empty(r, w, device="cuda")
     gemm = bench(lambda: torch.mm(h, wt.t(), out_dtype=torch.float32, out=logits))
-    partials = torch.empty(r, ceil_div(w, VOCAB_BLOCK), 4, device="cuda")
+    partials = torch.empty(r, ceil_div(w, VOCAB_BLOCK), NUM_PARTIALS, device="cuda")
     target_logit = torch.zeros(r, device="cuda")
     inv_t = torch.ones(r, device="cuda")
-    stats = torch.zeros(r, 4, device="cuda")
-    coef = torch.randn(r, 4, device="cuda") * 1e-3
+    stats = torch.zeros(r, NUM_STATS, device="cuda")
+    coef = torch.randn(r, NUM_STATS, device="cuda") * 1e-3
     dz = torch.empty(r, w, device="cuda", dtype=torch.bfloat16)  # separate, so that the timing can repeat
     stats_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: triton_chunked.launch_block_stats(
-        logits, partials, target_logit, t, inv_t, None, None, 0, entropy=True, mean=False,
+        logits, partials, target_logit, t, inv_t, None, None, 0, entropy=True, mean=False, square=False,
         config=configs.EpilogueConfig(*c))) for c in STATS_CANDIDATES}
     grad_ms = {"x".join(map(str, c)): _time_or_error(lambda c=c: triton_chunked.launch_logit_grad(
         logits, dz, t, inv_t, stats, coef, None, None, 0, v, entropy=True, mean=False,
@@ -212,7 +213,8 @@ def end_to_end(n, d, v):
                 "vs_6ndv_floor": round(ms / floor["6ndv"], 3)})
     rows = token_rows(hidden, targets, temperature=1.0, weights=None, ignore_index=-100, shift=False)
     with torch.no_grad():
-        fused = bench(lambda: triton_chunked.fused_forward_stats(rows, weight, None, None, entropy=True, mean=False))
+        fused = bench(lambda: triton_chunked.fused_forward_stats(rows, weight, None, None, entropy=True, mean=False,
+                                                                    square=False))
         chunked = bench(lambda: _chunked_stats(rows, weight))
     record("statistics_only_ms", {"fused_forward": round(fused, 2), "chunked_driver": round(chunked, 2),
                                   "vs_2ndv_floor": {"fused": round(fused / floor["2ndv"], 3),
@@ -229,7 +231,7 @@ def _gemm_floors(hidden, weight) -> dict[str, float]:
 def _chunked_stats(rows, weight):
     from osft_kernels.driver import forward_stats
     return forward_stats(triton_chunked.TritonEpilogue(), rows, weight, None, None, entropy=True, mean=False,
-                         memory_budget=None)
+                         square=False, memory_budget=None)
 
 
 def forward_configs(n, d, v):
@@ -244,7 +246,7 @@ def forward_configs(n, d, v):
     for candidate in candidates:
         configs.FORWARD_CONFIGS[arch]["half"] = configs._forward(*candidate)
         ms = _time_or_error(lambda: triton_chunked.fused_forward_stats(rows, weight, None, None, entropy=True,
-                                                                          mean=False))
+                                                                          mean=False, square=False))
         timings["x".join(map(str, candidate))] = round(ms / floor, 3) if isinstance(ms, float) else ms
     configs.FORWARD_CONFIGS[arch].update(saved)
     record("fused_forward_config_vs_2ndv_gemm (BLOCK_N x BLOCK_V x BLOCK_D x warps x stages)", timings)

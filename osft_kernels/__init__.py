@@ -1,6 +1,14 @@
 """Fused linear logprobs / entropy / cross-entropy for LLM post-training, without full-vocab logits."""
-from . import custom_ops  # registers the ops that torch.compile traces in place of the eager ones
-from .api import LogProbs, linear_cross_entropy, linear_logprobs, linear_token_loss
+from . import custom_ops  # noqa: F401 (registers the ops that torch.compile traces in place of the eager ones)
+from .api import (
+    LogProbs,
+    TokenOutputs,
+    linear_cross_entropy,
+    linear_logprobs,
+    linear_token_loss,
+    linear_token_outputs,
+)
 
-__all__ = ["LogProbs", "linear_cross_entropy", "linear_logprobs", "linear_token_loss"]
+__all__ = ["LogProbs", "TokenOutputs", "linear_cross_entropy", "linear_logprobs", "linear_token_loss",
+           "linear_token_outputs"]
 __version__ = "0.1.0"

@@ -15,7 +15,13 @@ from torch import Tensor
 
 from . import inputs
 from .backends import resolve_backend
-from .row_stats import RowStats, token_cross_entropy, token_logprobs
+from .row_stats import (
+    RowStats,
+    token_cross_entropy,
+    token_is_top1,
+    token_log_sum_sq_probs,
+    token_logprobs,
+)
 
 
 class LogProbs(NamedTuple):
@@ -65,19 +71,58 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     all); gradients are deterministic on every backend.
     """
     inputs.check_flag("return_entropy", return_entropy)
+    out = linear_token_outputs(hidden, weight, targets, outputs=("logprobs", "entropy") if return_entropy else (),
+                               bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                               shift=shift, backend=backend, memory_budget=memory_budget)
+    return LogProbs(out.logprobs, out.entropy)
+
+
+class TokenOutputs(NamedTuple):
+    """What :func:`linear_token_outputs` returns: each field shaped like the (shifted) targets, 0 (False)
+    at ignored positions, None unless requested (``logprobs`` always).
+
+    ``logprobs`` and ``entropy``: float32 (float64 for float64 inputs), differentiable.
+    ``mean_logit``: ``mean_j z_j``; ``log_sum_sq_probs``: ``log sum_j p_j^2``; ``is_top1``: bool, whether
+    the target is the most likely token (ties count). These three carry no gradient.
+    """
+
+    logprobs: Tensor
+    entropy: Tensor | None = None
+    mean_logit: Tensor | None = None
+    is_top1: Tensor | None = None
+    log_sum_sq_probs: Tensor | None = None
+
+
+@_outside_autocast
+def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, outputs=("logprobs",),
+                         bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
+                         ignore_index: int = -100, shift: bool = False, backend: str = "auto",
+                         memory_budget: int | None = None) -> TokenOutputs:
+    """Per-token logprobs and, as ``outputs`` names them, entropy and the metrics of :class:`TokenOutputs`
+    (``"logprobs"``, ``"entropy"``, ``"mean_logit"``, ``"is_top1"``, ``"log_sum_sq_probs"``), all from one
+    pass over the logits. Arguments and gradients as in :func:`linear_logprobs`."""
+    wanted = inputs.check_outputs(outputs, TokenOutputs._fields)
     options = inputs.backend_options(memory_budget)
+    flags = dict(entropy="entropy" in wanted, mean="mean_logit" in wanted, square="log_sum_sq_probs" in wanted)
     if torch.compiler.is_compiling():
-        stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
-                              entropy=return_entropy, mean=False, backend=backend, options=options)
+        stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, **flags,
+                              backend=backend, options=options)
         valid = _valid_targets(targets, ignore_index, shift)
-        row = RowStats.of(stats)
-        entropy = torch.where(valid, row.entropy, 0.0) if return_entropy else None
-        return LogProbs(torch.where(valid, token_logprobs(row), 0.0), entropy)
+        return _token_outputs(RowStats.of(stats), wanted, lambda x: torch.where(valid, x, x.new_zeros(())))
     rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
-    stats = RowStats.of(resolve_backend(backend, hidden.device).row_stats(
-        rows, weight, bias, softcap, entropy=return_entropy, mean=False, options=options))
-    entropy = rows.scatter(stats.entropy) if return_entropy else None
-    return LogProbs(rows.scatter(token_logprobs(stats)), entropy)
+    stats = resolve_backend(backend, hidden.device).row_stats(rows, weight, bias, softcap, **flags, options=options)
+    return _token_outputs(RowStats.of(stats), wanted, rows.scatter)
+
+
+def _token_outputs(row: RowStats, wanted: frozenset, place) -> TokenOutputs:
+    """The requested outputs from the statistics, each placed on the targets' grid by ``place``."""
+    return TokenOutputs(
+        logprobs=place(token_logprobs(row)),
+        entropy=place(row.entropy) if "entropy" in wanted else None,
+        mean_logit=place(row.mean_logit.detach()) if "mean_logit" in wanted else None,
+        is_top1=place(token_is_top1(row)) if "is_top1" in wanted else None,
+        log_sum_sq_probs=place(token_log_sum_sq_probs(row).detach()) if "log_sum_sq_probs" in wanted else None,
+    )
 
 
 @_outside_autocast
@@ -126,7 +171,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                                     options=options)[0]
 
     stats = RowStats.of(impl.row_stats(rows, weight, bias, softcap, entropy=False, mean=label_smoothing > 0,
-                                       options=options))
+                                       square=False, options=options))
     loss = token_cross_entropy(stats, label_smoothing, z_loss)
     if reduction == "none":
         return rows.scatter(loss if rows.weights is None else loss * rows.weights)
@@ -168,7 +213,8 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
         loss, stats = impl.summed_loss(rows, weight, bias, softcap, loss_of_stats, entropy=return_entropy,
                                        mean=False, options=options)
     else:
-        stats = impl.row_stats(rows, weight, bias, softcap, entropy=return_entropy, mean=False, options=options)
+        stats = impl.row_stats(rows, weight, bias, softcap, entropy=return_entropy, mean=False, square=False,
+                               options=options)
         loss = loss_of_stats(stats, 0, rows.targets.shape[0]).sum()
         stats = stats.detach()
     row = RowStats.of(stats)
@@ -198,12 +244,13 @@ def _check_traced(hidden, weight, targets, bias, temperature, softcap, ignore_in
 
 
 def _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, *, entropy: bool,
-                  mean: bool, backend: str, options: inputs.BackendOptions) -> Tensor:
-    """Under ``torch.compile``: the statistics grid ``[*out_shape, 4]`` from the ``osft_kernels::row_stats`` op."""
+                  mean: bool, square: bool, backend: str, options: inputs.BackendOptions) -> Tensor:
+    """Under ``torch.compile``: the statistics grid ``[*out_shape, NUM_STATS]`` from the
+    ``osft_kernels::row_stats`` op."""
     _check_traced(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     tensor, value = _split_temperature(temperature)
     return torch.ops.osft_kernels.row_stats(hidden, weight, targets, bias, tensor, value, softcap, int(ignore_index),
-                                            shift, entropy, mean, backend, options.memory_budget)
+                                            shift, entropy, mean, square, backend, options.memory_budget)
 
 
 def _traced_cross_entropy(hidden, weight, targets, bias, weights, temperature, softcap, label_smoothing: float,
@@ -212,7 +259,7 @@ def _traced_cross_entropy(hidden, weight, targets, bias, weights, temperature, s
     """Under ``torch.compile``: the loss from the statistics grid of the ``osft_kernels::row_stats`` op, whose
     backward recomputes the logits (8NDV where the eager ``"sum"``/``"mean"`` path takes 6NDV)."""
     stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, entropy=False,
-                          mean=label_smoothing > 0, backend=backend, options=options)
+                          mean=label_smoothing > 0, square=False, backend=backend, options=options)
     loss = token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss)
     if weights is not None:
         loss = loss * (weights[..., 1:] if shift else weights).detach().to(loss.dtype)

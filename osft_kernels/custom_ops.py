@@ -6,7 +6,7 @@ compiler cannot trace. Under ``torch.compile`` :func:`osft_kernels.linear_logpro
 checks included, on real tensors, and tells the compiler only its output shapes.
 
 * ``osft_kernels::row_stats``: the statistics of :mod:`osft_kernels.row_stats` on the grid of
-  (shifted) targets, ``[*out_shape, 4]``, 0 at ignored positions; its backward is the op
+  (shifted) targets, ``[*out_shape, NUM_STATS]``, 0 at ignored positions; its backward is the op
   ``osft_kernels::row_stats_backward``, which recomputes the logits (8NDV in all). The token-level
   formulas are applied to the statistics in traced PyTorch, outside the ops.
 """
@@ -36,28 +36,29 @@ def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
 @torch.library.custom_op("osft_kernels::row_stats", mutates_args=())
 def row_stats(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: Tensor | None,
               temperature_value: float, softcap: float | None, ignore_index: int, shift: bool, entropy: bool,
-              mean: bool, backend: str, memory_budget: int | None) -> Tensor:
-    """``[*out_shape, 4]`` statistics in the compute dtype, 0 at ignored positions."""
+              mean: bool, square: bool, backend: str, memory_budget: int | None) -> Tensor:
+    """``[*out_shape, NUM_STATS]`` statistics in the compute dtype, 0 at ignored positions."""
     hidden, weight, bias, temperature = _detached(hidden, weight, bias, temperature)
     rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature_value if temperature is None else temperature,
                                softcap, ignore_index, shift)
     with torch.no_grad():
         stats = resolve_backend(backend, hidden.device).row_stats(
-            rows, weight, bias, softcap, entropy=entropy, mean=mean, options=inputs.BackendOptions(memory_budget))
+            rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+            options=inputs.BackendOptions(memory_budget))
     return rows.scatter(stats)
 
 
 @row_stats.register_fake
 def _row_stats_fake(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index, shift,
-                    entropy, mean, backend, memory_budget):
+                    entropy, mean, square, backend, memory_budget):
     return hidden.new_empty((*out_shape(targets, shift), NUM_STATS), dtype=inputs.compute_dtype(hidden.dtype))
 
 
 @torch.library.custom_op("osft_kernels::row_stats_backward", mutates_args=())
 def row_stats_backward(grad_stats: Tensor, stats: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
                        bias: Tensor | None, temperature: Tensor | None, temperature_value: float,
-                       softcap: float | None, ignore_index: int, shift: bool, entropy: bool, mean: bool, backend: str,
-                       memory_budget: int | None, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                       softcap: float | None, ignore_index: int, shift: bool, entropy: bool, mean: bool, square: bool,
+                       backend: str, memory_budget: int | None, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for ``(hidden, weight, bias)`` from ``grad_stats`` on :func:`row_stats`' output (empty
     where ``needs`` is False)."""
     hidden, weight, bias, temperature = _detached(hidden, weight, bias, temperature)
@@ -72,7 +73,7 @@ def row_stats_backward(grad_stats: Tensor, stats: Tensor, hidden: Tensor, weight
 
 @row_stats_backward.register_fake
 def _row_stats_backward_fake(grad_stats, stats, hidden, weight, targets, bias, temperature, temperature_value, softcap,
-                             ignore_index, shift, entropy, mean, backend, memory_budget, needs):
+                             ignore_index, shift, entropy, mean, square, backend, memory_budget, needs):
     return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
             torch.empty_like(weight) if needs[1] else weight.new_empty(0),
             torch.empty_like(bias) if needs[2] else weight.new_empty(0))
@@ -90,7 +91,7 @@ def _row_stats_grad(ctx, grad_stats):
     grads = torch.ops.osft_kernels.row_stats_backward(grad_stats, stats, hidden, weight, targets, bias, temperature,
                                                       *ctx.options, needs)
     d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
-    return d_hidden, d_weight, None, d_bias, *[None] * 9
+    return d_hidden, d_weight, None, d_bias, *[None] * 10
 
 
 row_stats.register_autograd(_row_stats_grad, setup_context=_row_stats_setup)

@@ -9,7 +9,7 @@ accumulated in float32 in a fixed order: no atomics, so gradients are determinis
 
 Two gradient strategies:
 
-* :class:`RowStatsFunction`: forward saves only the ``[n, 4]`` statistics; backward recomputes each
+* :class:`RowStatsFunction`: forward saves only the ``[n, NUM_STATS]`` statistics; backward recomputes each
   chunk's logits for any upstream gradient on them. 2NDV + 6NDV FLOPs. Chunks are near square
   (``rows ~ vocab``), which minimizes the float32 accumulator traffic of the backward.
 * :class:`SummedLossFunction`: for ``sum_i f_i(stats_i)`` whose per-token terms are known at forward
@@ -36,16 +36,16 @@ import torch
 from torch import Tensor
 
 from .inputs import TokenRows, compute_dtype
-from .row_stats import ENTROPY, LSE, MEAN_LOGIT, NUM_STATS, TARGET_LOGIT, stat_grads
+from .row_stats import ENTROPY, LSE, MAX_LOGIT, MEAN_LOGIT, NUM_STATS, SQUARE_LSE, TARGET_LOGIT, stat_grads
 
 VOCAB_BLOCK = 2048
 ROW_ALIGN = 16
 # cuBLAS picks its kernel by shape; on an H200 (cuBLAS 13) rows of products with 16 or 64 rows came out
 # differently from the same rows in 4096-row products, those with 256 or more did not
 CUDA_ROW_ALIGN = 256
-# per-block partial statistics: running max m, sum e^(z-m), sum e^(z-m) (z-m), sum z
-NUM_PARTIALS = 4
-PARTIAL_MAX, PARTIAL_SUM, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM = range(NUM_PARTIALS)
+# per-block partial statistics: running max m, sum e^(z-m), sum e^(z-m) (z-m), sum z, sum e^(2(z-m))
+NUM_PARTIALS = 5
+PARTIAL_MAX, PARTIAL_SUM, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM, PARTIAL_SQUARE_SUM = range(NUM_PARTIALS)
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
 FINITE_MIN = -3.0e38  # a block max of -inf (a fully masked block) is clamped here so that z - max stays finite
 # below log of float64's smallest subnormal (-745): e^x is exactly 0 here, so log-probabilities clamped to it
@@ -225,7 +225,7 @@ class Epilogue(Protocol):
         product, or transformed in place by bias, softcap and temperature)."""
 
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
-                    target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
+                    target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
         """Write ``partials [r, w / VOCAB_BLOCK, NUM_PARTIALS]`` of the chunk's blocks, and the target
         logit of rows whose target is in the chunk into ``target_logit [r]``; ``z`` is left unchanged."""
 
@@ -233,13 +233,14 @@ class Epilogue(Protocol):
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
         """The gradient on the pre-softcap logits, ``[r, w]`` in ``grad_dtype``, written over ``z``'s storage.
 
-        ``coef [r, 4]`` are the gradients on the statistics already divided by temperature:
+        ``coef [r, NUM_STATS]`` are the gradients on the statistics already divided by temperature:
         ``dz_j = p_j (c_lse - c_entropy (log p_j + entropy)) + c_mean / V + c_target [j == y]``,
         times ``1 - tanh^2`` under softcap."""
 
 
-def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, entropy: bool, mean: bool) -> Tensor:
-    """``[r, num_blocks, NUM_PARTIALS]`` block partials -> ``[r, 4]`` statistics, merged in block order."""
+def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, entropy: bool, mean: bool,
+                 square: bool) -> Tensor:
+    """``[r, num_blocks, NUM_PARTIALS]`` block partials -> ``[r, NUM_STATS]`` statistics, merged in block order."""
     block_max = partials[..., PARTIAL_MAX]
     block_sum = partials[..., PARTIAL_SUM]
     row_max = block_max.amax(1, keepdim=True)
@@ -249,6 +250,10 @@ def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, ent
     stats = partials.new_zeros(partials.shape[0], NUM_STATS)
     stats[:, LSE] = row_max.squeeze(1) + total.log()
     stats[:, TARGET_LOGIT] = target_logit
+    stats[:, MAX_LOGIT] = row_max.squeeze(1)
+    if square:
+        square_total = (partials[..., PARTIAL_SQUARE_SUM] * scale.square()).sum(1)
+        stats[:, SQUARE_LSE] = 2 * row_max.squeeze(1) + square_total.log()
     if mean:
         stats[:, MEAN_LOGIT] = partials[..., PARTIAL_LOGIT_SUM].sum(1) / vocab_size
     if entropy:
@@ -289,8 +294,9 @@ class _Driver:
                                 self.layer.weight[v0:v1])
         return self.epilogue.logits(raw, self.layer, chunk, v0)
 
-    def chunk_stats(self, chunk: Chunk, *, entropy: bool, mean: bool) -> tuple[Tensor, Tensor | None]:
-        """``[r, 4]`` statistics of a (padded) token chunk, and its logits when they span the vocabulary."""
+    def chunk_stats(self, chunk: Chunk, *, entropy: bool, mean: bool, square: bool = False
+                    ) -> tuple[Tensor, Tensor | None]:
+        """``[r, NUM_STATS]`` statistics of a (padded) token chunk, and its logits when they span the vocabulary."""
         vocab_size = self.layer.vocab_size
         partials = chunk.hidden.new_empty(chunk.rows, ceil_div(vocab_size, VOCAB_BLOCK), NUM_PARTIALS,
                                           dtype=self.dtype)
@@ -298,17 +304,19 @@ class _Driver:
         z = None
         for v0, v1 in self.plan.vocab_ranges(vocab_size):
             z = self.logits(chunk, v0, v1)
-            self.epilogue.block_stats(z, self.layer, chunk, v0, partials[:, v0 // VOCAB_BLOCK:ceil_div(v1, VOCAB_BLOCK)],
-                                      target_logit, entropy=entropy, mean=mean)
-        stats = merge_blocks(partials, target_logit, vocab_size, entropy=entropy, mean=mean)
+            blocks = partials[:, v0 // VOCAB_BLOCK:ceil_div(v1, VOCAB_BLOCK)]
+            self.epilogue.block_stats(z, self.layer, chunk, v0, blocks,
+                                      target_logit, entropy=entropy, mean=mean, square=square)
+        stats = merge_blocks(partials, target_logit, vocab_size, entropy=entropy, mean=mean, square=square)
         return stats, z if self.full_rows else None
 
-    def all_stats(self, rows: TokenRows, *, entropy: bool, mean: bool) -> Tensor:
-        """``[n, 4]`` statistics of every row."""
+    def all_stats(self, rows: TokenRows, *, entropy: bool, mean: bool, square: bool = False) -> Tensor:
+        """``[n, NUM_STATS]`` statistics of every row."""
         n = rows.hidden.shape[0]
         stats = rows.hidden.new_empty(n, NUM_STATS, dtype=self.dtype)
         for r0, r1 in self.plan.row_ranges(n):
-            stats[r0:r1] = self.chunk_stats(self.chunk(rows, r0, r1), entropy=entropy, mean=mean)[0][:r1 - r0]
+            stats[r0:r1] = self.chunk_stats(self.chunk(rows, r0, r1), entropy=entropy, mean=mean,
+                                            square=square)[0][:r1 - r0]
         return stats
 
     def add_grads(self, grads: "GradAccumulator", chunk: Chunk, z: Tensor, v0: int, stats: Tensor, coef: Tensor,
@@ -321,7 +329,7 @@ class _Driver:
 
     def recompute_grads(self, grads: "GradAccumulator", rows: TokenRows, stats: Tensor, coef: Tensor, *,
                         entropy: bool, mean: bool) -> None:
-        """Recompute every chunk's logits and accumulate the gradients for ``coef [n, 4]``."""
+        """Recompute every chunk's logits and accumulate the gradients for ``coef [n, NUM_STATS]``."""
         n = stats.shape[0]
         for r0, r1 in self.plan.row_ranges(n):
             padded = self.chunk(rows, r0, r1)
@@ -365,11 +373,11 @@ def _cast(grads, dtypes) -> tuple:
 
 
 def forward_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  *, entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
-    """``[n, 4]`` statistics in the compute dtype, without autograd."""
+                  *, entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
+    """``[n, NUM_STATS]`` statistics in the compute dtype, without autograd."""
     driver = _Driver(epilogue, weight, bias, softcap, rows.hidden.shape[0], entropy=entropy,
                      memory_budget=memory_budget, full_rows=False)
-    return driver.all_stats(rows, entropy=entropy, mean=mean)
+    return driver.all_stats(rows, entropy=entropy, mean=mean, square=square)
 
 
 def _check_backward_mode() -> None:
@@ -388,12 +396,12 @@ def _check_no_transforms() -> None:
 
 
 class RowStatsFunction(torch.autograd.Function):
-    """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, 4]``; backward recomputes."""
+    """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, NUM_STATS]``; backward recomputes."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, epilogue: Epilogue, rows: TokenRows, softcap, entropy: bool, mean: bool,
-                memory_budget):
-        stats = forward_stats(epilogue, rows, weight, bias, softcap, entropy=entropy, mean=mean,
+                square: bool, memory_budget):
+        stats = forward_stats(epilogue, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                               memory_budget=memory_budget)
         ctx.epilogue, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = epilogue, rows, softcap, entropy, mean
         ctx.memory_budget = memory_budget
@@ -410,14 +418,15 @@ class RowStatsFunction(torch.autograd.Function):
                        temperature=ctx.rows.temperature if temperature is None else temperature)
         grads = row_stats_grads(ctx.epilogue, rows, weight, bias, ctx.softcap, stats, grad_stats, entropy=ctx.entropy,
                                 mean=ctx.mean, memory_budget=ctx.memory_budget, needs=ctx.needs_input_grad[:3])
-        return (*grads, *[None] * 6)
+        return (*grads, *[None] * 7)
 
 
 def row_stats_grads(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, memory_budget: int | None,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``(rows.hidden, weight, bias)`` (those ``needs`` asks for, in their dtypes) from the
-    upstream gradient ``grad_stats [n, 4]`` on the statistics ``stats [n, 4]``, recomputing the logits."""
+    upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``, recomputing
+    the logits."""
     hidden = rows.hidden
     driver = _Driver(epilogue, weight, bias, softcap, hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
                      full_rows=False)
@@ -431,9 +440,9 @@ def row_stats_grads(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: T
 
 
 class SummedLossFunction(torch.autograd.Function):
-    """``(sum_i token_loss(stats)_i, stats [n, 4])`` with the gradients formed during the forward pass.
+    """``(sum_i token_loss(stats)_i, stats [n, NUM_STATS])`` with the gradients formed during the forward pass.
 
-    ``token_loss(stats [r, 4], r0, r1) -> [r]``: the (weighted) loss of rows ``r0:r1``; it may
+    ``token_loss(stats [r, NUM_STATS], r0, r1) -> [r]``: the (weighted) loss of rows ``r0:r1``; it may
     depend only on those rows' statistics and on values fixed before the call. The returned
     statistics are not differentiable.
     """
@@ -481,15 +490,18 @@ class SummedLossFunction(torch.autograd.Function):
 
 
 def row_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, memory_budget: int | None) -> Tensor:
-    """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
+              entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
+    """``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`), differentiable in
+    the first four columns."""
     _check_no_transforms()
-    return RowStatsFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, entropy, mean, memory_budget)
+    return RowStatsFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, entropy, mean, square,
+                                  memory_budget)
 
 
 def summed_loss(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                token_loss: TokenLoss, *, entropy: bool, mean: bool, memory_budget: int | None) -> tuple[Tensor, Tensor]:
-    """``(sum_i token_loss_i, stats [n, 4])``, the loss differentiable with gradients formed in forward."""
+                token_loss: TokenLoss, *, entropy: bool, mean: bool,
+                memory_budget: int | None) -> tuple[Tensor, Tensor]:
+    """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward."""
     _check_no_transforms()
     return SummedLossFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)

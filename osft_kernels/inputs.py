@@ -175,6 +175,16 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def check_outputs(outputs, known: tuple[str, ...]) -> frozenset:
+    """A tuple or list of names among ``known``, returned as a set."""
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(f"outputs must be a tuple of names among {known}, got {outputs!r}")
+    unknown = [name for name in outputs if name not in known]
+    if unknown:
+        raise ValueError(f"outputs must name only {known}, got {unknown}")
+    return frozenset(outputs)
+
+
 def wants_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will differentiate through any of ``tensors`` (None entries are skipped)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

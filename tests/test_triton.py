@@ -30,6 +30,7 @@ from cases import (
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.driver import VOCAB_BLOCK, row_align
 from osft_kernels.memory import PeakMemory
+from osft_kernels.row_stats import ENTROPY, LSE, NUM_STATS
 
 pytest.importorskip("triton")
 from osft_kernels.backends import resolve_backend, triton_chunked
@@ -173,9 +174,11 @@ def test_half_precision_gradient_is_written_over_its_own_logits(dtype):
     lse = torch.logsumexp(z, 1)
     log_p = z - lse[:, None]
     entropy = -(log_p.exp() * log_p).sum(1)
-    stats = torch.stack([lse, torch.zeros_like(lse), torch.zeros_like(lse), entropy], 1)
-    coef = torch.randn(r, 4, generator=gen, dtype=torch.float64).to(DEVICE)
-    expected = log_p.exp() * (coef[:, :1] - coef[:, 3:] * (log_p + entropy[:, None])) + coef[:, 2:3] / vocab
+    stats = torch.zeros(r, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    stats[:, LSE], stats[:, ENTROPY] = lse, entropy
+    coef = torch.zeros(r, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    coef[:, :4] = torch.randn(r, 4, generator=gen, dtype=torch.float64).to(DEVICE)  # the differentiable columns
+    expected = log_p.exp() * (coef[:, :1] - coef[:, 3:4] * (log_p + entropy[:, None])) + coef[:, 2:3] / vocab
     local = targets - v0
     hit = (local >= 0) & (local < w)
     expected[hit, local[hit]] += coef[hit, 1]

@@ -1,6 +1,6 @@
 """Backends compute the row statistics of :mod:`osft_kernels.row_stats` for a batch of token rows.
 
-Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, options)``;
+Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, square, options)``;
 the chunked ones (``torch``, ``triton``: the driver of :mod:`osft_kernels.driver` with their own
 epilogue) also provide ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean,
 options)``, which forms the gradients of a sum of per-token losses during the forward pass. The

@@ -10,8 +10,8 @@ from ..inputs import BackendOptions, TokenRows, compute_dtype
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
-    """Differentiable ``[n, 4]`` statistics (see :mod:`osft_kernels.row_stats`); ``options`` are unused."""
+              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
+    """``[n, NUM_STATS]`` statistics (see :mod:`osft_kernels.row_stats`), differentiable; ``options`` are unused."""
     dtype = compute_dtype(weight.dtype)
     logits = torch.nn.functional.linear(rows.hidden.to(dtype), weight.to(dtype),
                                         None if bias is None else bias.to(dtype))
@@ -26,6 +26,8 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
         logits.gather(1, rows.targets[:, None]).squeeze(1),
         logits.mean(dim=-1) if mean else zero,
         _entropy(logits) if entropy else zero,
+        logits.detach().amax(dim=-1),
+        torch.logsumexp(2 * logits.detach(), dim=-1) if square else zero,
     ], dim=1)
 
 
@@ -36,7 +38,7 @@ def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softca
     recomputation of the statistics (``stats`` is unused; ``torch.func`` also runs inside a custom op)."""
     def recompute(hidden: Tensor, weight: Tensor, *bias: Tensor) -> Tensor:
         return row_stats(replace(rows, hidden=hidden), weight, bias[0] if bias else None, softcap, entropy=entropy,
-                         mean=mean, options=options)
+                         mean=mean, square=False, options=options)
 
     primals = [x.detach() for x in (rows.hidden, weight, bias) if x is not None]
     stats, vjp = torch.func.vjp(recompute, *primals)

@@ -14,6 +14,7 @@ from ..driver import (
     PARTIAL_ENTROPY,
     PARTIAL_LOGIT_SUM,
     PARTIAL_MAX,
+    PARTIAL_SQUARE_SUM,
     PARTIAL_SUM,
     VOCAB_BLOCK,
     Chunk,
@@ -35,6 +36,11 @@ def _blocks(x: Tensor) -> list[Tensor]:
 def _block_reduce(x: Tensor, reduce) -> Tensor:
     """``reduce`` over each block of every row: ``[r, w] -> [r, ceil(w / VOCAB_BLOCK)]``."""
     return torch.cat([reduce(view, -1) for view in _blocks(x)], 1)
+
+
+def _sum_of_squares(x: Tensor, dim: int) -> Tensor:
+    """``sum(x * x)`` along the last dim (``dim == -1``) as a batched dot product, without a temporary."""
+    return torch.einsum("...i,...i->...", x, x)
 
 
 def _block_sub(x: Tensor, per_block: Tensor, out: Tensor) -> None:
@@ -80,7 +86,7 @@ class TorchEpilogue:
         return raw
 
     def block_stats(self, z: Tensor, layer: driver.OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
-                    target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
+                    target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
         column, hit = _target_hits(chunk, v0, z.shape[1])
         target_logit.copy_(torch.where(hit, z.gather(1, column[:, None]).squeeze(1), target_logit))
         if mean:
@@ -89,12 +95,15 @@ class TorchEpilogue:
         partials[..., PARTIAL_MAX] = block_max
         shifted = self._buffer(0, z)
         _block_sub(z, block_max, out=shifted)
-        if entropy:
-            e = torch.exp(shifted, out=self._buffer(1, z))
-            partials[..., PARTIAL_SUM] = _block_reduce(e, torch.sum)
-            partials[..., PARTIAL_ENTROPY] = _block_reduce(e.mul_(shifted.clamp_(min=LOG_ZERO)), torch.sum)
-        else:
+        if not (entropy or square):
             partials[..., PARTIAL_SUM] = _block_reduce(shifted.exp_(), torch.sum)
+            return
+        e = torch.exp(shifted, out=self._buffer(1, z))
+        partials[..., PARTIAL_SUM] = _block_reduce(e, torch.sum)
+        if square:
+            partials[..., PARTIAL_SQUARE_SUM] = _block_reduce(e, _sum_of_squares)
+        if entropy:
+            partials[..., PARTIAL_ENTROPY] = _block_reduce(e.mul_(shifted.clamp_(min=LOG_ZERO)), torch.sum)
 
     def logit_grad(self, z: Tensor, layer: driver.OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
@@ -109,7 +118,8 @@ class TorchEpilogue:
         if entropy:
             # z - E[z] = log p + entropy
             p = torch.exp(g, out=self._buffer(1, z))
-            g.clamp_(min=LOG_ZERO).add_(stats[:, ENTROPY, None]).mul_(-coef[:, ENTROPY, None]).add_(coef[:, LSE, None]).mul_(p)
+            g.clamp_(min=LOG_ZERO).add_(stats[:, ENTROPY, None]).mul_(-coef[:, ENTROPY, None])
+            g.add_(coef[:, LSE, None]).mul_(p)
         else:
             g.exp_().mul_(coef[:, LSE, None])
         if mean:
@@ -122,9 +132,9 @@ class TorchEpilogue:
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
+              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
-    return driver.row_stats(TorchEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+    return driver.row_stats(TorchEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                             memory_budget=options.memory_budget)
 
 
@@ -138,7 +148,8 @@ def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: f
 def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
                     grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, 4]`` (:func:`osft_kernels.driver.row_stats_grads`)."""
+    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
+    (:func:`osft_kernels.driver.row_stats_grads`)."""
     return driver.row_stats_grads(TorchEpilogue(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
                                   mean=mean, memory_budget=options.memory_budget, needs=needs)
 

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from .. import driver
-from ..driver import VOCAB_BLOCK, Chunk, OutputLayer, ceil_div
+from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer, ceil_div
 from ..inputs import BackendOptions, TokenRows, wants_grad
 from ..row_stats import NUM_STATS
 from ..triton_kernels import configs
 from ..triton_kernels.epilogue import block_stats_kernel, logit_grad_kernel
-from ..triton_kernels.forward import NUM_PARTIALS, merge_partials_kernel, row_partials_kernel
+from ..triton_kernels.forward import merge_partials_kernel, row_partials_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 128
@@ -53,17 +53,18 @@ def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
 
 
 def launch_block_stats(z: Tensor, partials: Tensor, target_logit: Tensor, targets: Tensor, inv_temp: Tensor,
-                       bias: Tensor | None, softcap: float | None, v0: int, *, entropy: bool, mean: bool,
-                       config: configs.EpilogueConfig = configs.STATS_EPILOGUE) -> None:
+                       bias: Tensor | None, softcap: float | None, v0: int, *, entropy: bool, mean: bool, square: bool,
+                       config: configs.EpilogueConfig | None = None) -> None:
     """:func:`block_stats_kernel` over the logits chunk ``z [r, w]`` of columns ``v0:v0+w`` (see its docstring)."""
     r, w = z.shape
     if r == 0:
         return
+    config = config or (configs.SQUARE_STATS_EPILOGUE if square else configs.STATS_EPILOGUE)
     block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
         z, z.stride(0), z if bias is None else bias, targets, inv_temp, partials, partials.stride(0), target_logit,
         r, w, v0, 1.0 if softcap is None else float(softcap), BLOCK=VOCAB_BLOCK, TILE=config.tile, ROWS=config.rows,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy,
-        num_warps=config.warps)
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy, SQUARE=square,
+        PARTIALS=NUM_PARTIALS, num_warps=config.warps)
 
 
 def launch_logit_grad(z: Tensor, dz: Tensor, targets: Tensor, inv_temp: Tensor, stats: Tensor, coef: Tensor,
@@ -76,7 +77,7 @@ def launch_logit_grad(z: Tensor, dz: Tensor, targets: Tensor, inv_temp: Tensor, 
     logit_grad_kernel[(ceil_div(r, config.rows),)](
         z, z.stride(0), dz, dz.stride(0), z if bias is None else bias, targets, inv_temp, stats, coef, r, w, v0,
         vocab_size, 1.0 if softcap is None else float(softcap), TILE=config.tile, ROWS=config.rows,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy, STATS=NUM_STATS,
         num_warps=config.warps)
 
 
@@ -91,9 +92,9 @@ class TritonEpilogue:
         return raw  # bias, softcap and temperature are applied by the kernels as they read
 
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
-                    target_logit: Tensor, *, entropy: bool, mean: bool) -> None:
+                    target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
         launch_block_stats(z, partials, target_logit, chunk.targets, _inv_temp(chunk.temperature, z.shape[0], z),
-                           layer.bias, layer.softcap, v0, entropy=entropy, mean=mean)
+                           layer.bias, layer.softcap, v0, entropy=entropy, mean=mean, square=square)
 
     def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
@@ -106,8 +107,8 @@ class TritonEpilogue:
 
 
 def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-                        entropy: bool, mean: bool) -> Tensor:
-    """``[n, 4]`` float32 statistics from the fused forward kernels (no logits in memory, no autograd)."""
+                        entropy: bool, mean: bool, square: bool) -> Tensor:
+    """``[n, NUM_STATS]`` float32 statistics from the fused forward kernels (no logits in memory, no autograd)."""
     hidden = rows.hidden if rows.hidden.stride(-1) == 1 else rows.hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     n, d = hidden.shape
@@ -123,21 +124,23 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
         hidden, weight, bias if bias is not None else stats, rows.targets.contiguous(),
         _inv_temp(rows.temperature, n, hidden), stats, partials, n, d, v, hidden.stride(0), weight.stride(0),
         1.0 if softcap is None else float(softcap), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        MEAN=mean, ENTROPY=entropy, UPCAST=configs.INTERPRETING, INPUT_PRECISION=configs.input_precision(hidden.dtype),
+        MEAN=mean, ENTROPY=entropy, SQUARE=square, STATS=NUM_STATS, PARTIALS=NUM_PARTIALS, UPCAST=configs.INTERPRETING,
+        INPUT_PRECISION=configs.input_precision(hidden.dtype),
         **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     merge_partials_kernel[(ceil_div(n, MERGE_BLOCK),)](partials, stats, n, v, num_chunks, BLOCK=MERGE_BLOCK,
-                                                       MEAN=mean, ENTROPY=entropy)
+                                                       MEAN=mean, ENTROPY=entropy, SQUARE=square, STATS=NUM_STATS,
+                                                       PARTIALS=NUM_PARTIALS)
     return stats
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, options: BackendOptions) -> Tensor:
+              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked driver,
     differentiable; with ``memory_budget=0`` and no gradient wanted, from the fused forward."""
     check_inputs(rows.hidden)
     if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
-        return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean)
-    return driver.row_stats(TritonEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+        return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square)
+    return driver.row_stats(TritonEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                             memory_budget=options.memory_budget)
 
 
@@ -152,7 +155,8 @@ def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: f
 def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
                     grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, 4]`` (:func:`osft_kernels.driver.row_stats_grads`)."""
+    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
+    (:func:`osft_kernels.driver.row_stats_grads`)."""
     check_inputs(rows.hidden)
     return driver.row_stats_grads(TritonEpilogue(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
                                   mean=mean, memory_budget=options.memory_budget, needs=needs)

@@ -22,7 +22,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..driver import VOCAB_BLOCK
+from ..driver import NUM_PARTIALS, VOCAB_BLOCK
+from ..row_stats import NUM_STATS
 from . import configs
 from .epilogue import block_stats_kernel, logit_grad_kernel
 from .forward import merge_partials_kernel, row_partials_kernel
@@ -66,27 +67,33 @@ def _variants(arch: int):
     forward = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
                "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32", "partials_ptr": "*fp32", "N": "i32", "D": "i32",
                "V": "i32", "stride_hn": "i32", "stride_wv": "i32", "softcap": "fp32"}
-    features = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True, "UPCAST": False}
+    layout = {"STATS": NUM_STATS, "PARTIALS": NUM_PARTIALS}
+    features = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True, "SQUARE": True, "UPCAST": False,
+                **layout}
     yield ("row_partials[bf16]", row_partials_kernel, forward, dict(features, INPUT_PRECISION="ieee", **half.kwargs),
            half, True)
     fp32 = dict(forward, hidden_ptr="*fp32", weight_ptr="*fp32", bias_ptr="*fp32")
     yield ("row_partials[fp32]", row_partials_kernel, fp32, dict(features, INPUT_PRECISION="tf32x3", **single.kwargs),
            single, True)
     merge = {"partials_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32", "V": "i32", "num_chunks": "i32"}
-    yield ("merge_partials", merge_partials_kernel, merge, {"BLOCK": 128, "MEAN": True, "ENTROPY": True},
+    yield ("merge_partials", merge_partials_kernel, merge,
+           {"BLOCK": 128, "MEAN": True, "ENTROPY": True, "SQUARE": True, **layout},
            triton.Config({}, num_warps=4, num_stages=1), False)
     flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "MEAN": True, "ENTROPY": True}
     stats_config, grad_config = configs.STATS_EPILOGUE, configs.GRAD_EPILOGUE
     stats = {"logits_ptr": "*fp32", "stride_l": "i32", "bias_ptr": "*fp32", "targets_ptr": "*i64",
              "inv_temp_ptr": "*fp32", "partials_ptr": "*fp32", "stride_p": "i32", "target_logit_ptr": "*fp32",
              "R": "i32", "W": "i32", "v0": "i32", "softcap": "fp32"}
-    yield ("block_stats", block_stats_kernel, stats,
-           dict(flags, BLOCK=VOCAB_BLOCK, TILE=stats_config.tile, ROWS=stats_config.rows),
-           triton.Config({}, num_warps=stats_config.warps, num_stages=3), False)
+    for label, square, config in (("block_stats", False, stats_config),
+                                  ("block_stats[square]", True, configs.SQUARE_STATS_EPILOGUE)):
+        yield (label, block_stats_kernel, stats,
+               dict(flags, SQUARE=square, PARTIALS=NUM_PARTIALS, BLOCK=VOCAB_BLOCK, TILE=config.tile, ROWS=config.rows),
+               triton.Config({}, num_warps=config.warps, num_stages=3), False)
     grad = {"logits_ptr": "*fp32", "stride_l": "i32", "dz_ptr": "*bf16", "stride_dz": "i32", "bias_ptr": "*fp32",
             "targets_ptr": "*i64", "inv_temp_ptr": "*fp32", "stats_ptr": "*fp32", "coef_ptr": "*fp32", "R": "i32",
             "W": "i32", "v0": "i32", "V": "i32", "softcap": "fp32"}
-    yield ("logit_grad[bf16]", logit_grad_kernel, grad, dict(flags, TILE=grad_config.tile, ROWS=grad_config.rows),
+    yield ("logit_grad[bf16]", logit_grad_kernel, grad,
+           dict(flags, STATS=NUM_STATS, TILE=grad_config.tile, ROWS=grad_config.rows),
            triton.Config({}, num_warps=grad_config.warps, num_stages=3), False)
 
 

@@ -6,7 +6,8 @@ cuBLAS; both kernels apply bias, softcap and ``1 / temperature`` as they read it
 
 * :func:`block_stats_kernel`: one program per (row group, ``BLOCK``-column block): an online softmax
   over the block's tiles in order, writing the block's partials (max, sum of exp, the entropy sum,
-  the logit sum) and the target logit. Its order of operations is fixed by the constexprs.
+  the logit sum, the sum of squared exps) and the target logit. Its order of operations is fixed by
+  the constexprs.
 * :func:`logit_grad_kernel`: one program per row group, walking the rows' tiles in order and writing
   the logit gradient in the gradient dtype. The output may alias the input: row i's half-precision
   gradient is written over the first half of its own float32 logits, which only overwrites columns
@@ -40,8 +41,8 @@ def transformed_logits(raw, cols, col_mask, bias_ptr, v0, inv_temp, softcap, HAS
 def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr, partials_ptr, stride_p,
                        target_logit_ptr, R, W, v0, softcap, BLOCK: tl.constexpr, TILE: tl.constexpr,
                        ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr,
-                       ENTROPY: tl.constexpr):
-    """partials: ``[R, W / BLOCK, 4]`` float32 (row stride ``stride_p``, block stride 4); target_logit: ``[R]``."""
+                       ENTROPY: tl.constexpr, SQUARE: tl.constexpr, PARTIALS: tl.constexpr):
+    """partials: ``[R, W / BLOCK, PARTIALS]`` float32 (row stride ``stride_p``); target_logit: ``[R]``."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < R
     block = tl.program_id(1)
@@ -51,6 +52,7 @@ def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr
     l = tl.zeros((ROWS,), tl.float32)
     s = tl.zeros((ROWS,), tl.float32)
     z_sum = tl.zeros((ROWS,), tl.float32)
+    q = tl.zeros((ROWS,), tl.float32)
     target_logit = tl.zeros((ROWS,), tl.float32)
     for c0 in range(block * BLOCK, block * BLOCK + BLOCK, TILE):
         cols = c0 + tl.arange(0, TILE)
@@ -58,13 +60,14 @@ def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr
         mask = row_mask[:, None] & col_mask[None, :]
         raw = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
         z, _ = transformed_logits(raw, cols, col_mask, bias_ptr, v0, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
-        m, l, s, z_sum, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit,
-                                                           MEAN, ENTROPY)
-    out = partials_ptr + rows * stride_p + block * 4
+        m, l, s, z_sum, q, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, q,
+                                                              target_logit, MEAN, ENTROPY, SQUARE)
+    out = partials_ptr + rows * stride_p + block * PARTIALS
     tl.store(out, m, mask=row_mask)
     tl.store(out + 1, l, mask=row_mask)
     tl.store(out + 2, s, mask=row_mask)
     tl.store(out + 3, z_sum, mask=row_mask)
+    tl.store(out + 4, q, mask=row_mask)
     in_block = (target >= block * BLOCK) & (target < tl.minimum(block * BLOCK + BLOCK, W))
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & in_block)
 
@@ -72,8 +75,9 @@ def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr
 @triton.jit(do_not_specialize=["R", "W", "v0"])
 def logit_grad_kernel(logits_ptr, stride_l, dz_ptr, stride_dz, bias_ptr, targets_ptr, inv_temp_ptr, stats_ptr,
                       coef_ptr, R, W, v0, V, softcap, TILE: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, ENTROPY: tl.constexpr):
-    """dz ``[R, W]`` (row stride ``stride_dz``, its pointer's dtype) from the logits; stats, coef: ``[R, 4]`` float32.
+                      HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, ENTROPY: tl.constexpr, STATS: tl.constexpr):
+    """dz ``[R, W]`` (row stride ``stride_dz``, its pointer's dtype) from the logits; stats, coef: ``[R, STATS]``
+    float32 (columns as in :mod:`osft_kernels.row_stats`).
 
     ``coef`` holds the upstream gradients of (lse, target logit, mean logit, entropy) times ``inv_temp``.
     """
@@ -81,12 +85,12 @@ def logit_grad_kernel(logits_ptr, stride_l, dz_ptr, stride_dz, bias_ptr, targets
     row_mask = rows < R
     inv_temp = tl.load(inv_temp_ptr + rows, mask=row_mask, other=1.0)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - v0
-    lse = tl.load(stats_ptr + rows * 4, mask=row_mask, other=0.0)[:, None]
-    entropy = tl.load(stats_ptr + rows * 4 + 3, mask=row_mask, other=0.0)[:, None]
-    c_lse = tl.load(coef_ptr + rows * 4, mask=row_mask, other=0.0)[:, None]
-    c_target = tl.load(coef_ptr + rows * 4 + 1, mask=row_mask, other=0.0)[:, None]
-    c_mean = tl.load(coef_ptr + rows * 4 + 2, mask=row_mask, other=0.0)[:, None]
-    c_entropy = tl.load(coef_ptr + rows * 4 + 3, mask=row_mask, other=0.0)[:, None]
+    lse = tl.load(stats_ptr + rows * STATS, mask=row_mask, other=0.0)[:, None]
+    entropy = tl.load(stats_ptr + rows * STATS + 3, mask=row_mask, other=0.0)[:, None]
+    c_lse = tl.load(coef_ptr + rows * STATS, mask=row_mask, other=0.0)[:, None]
+    c_target = tl.load(coef_ptr + rows * STATS + 1, mask=row_mask, other=0.0)[:, None]
+    c_mean = tl.load(coef_ptr + rows * STATS + 2, mask=row_mask, other=0.0)[:, None]
+    c_entropy = tl.load(coef_ptr + rows * STATS + 3, mask=row_mask, other=0.0)[:, None]
     for c0 in range(0, W, TILE):
         cols = c0 + tl.arange(0, TILE)
         col_mask = cols < W

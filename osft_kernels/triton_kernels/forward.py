@@ -1,10 +1,10 @@
-"""Forward: the ``[n, 4]`` row statistics (lse, target logit, mean logit, entropy) in two kernels.
+"""Forward: the ``[n, STATS]`` row statistics (:mod:`osft_kernels.row_stats`) in two kernels.
 
 ``row_partials_kernel`` runs one program per (row tile, vocabulary chunk) pair. A chunk is
 ``CHUNK_TILES`` consecutive ``BLOCK_V`` tiles; the program walks them in order with an online
-softmax and writes four partials per row and chunk: the running max ``m``, ``l = sum e^(z-m)``,
-``s = sum e^(z-m) (z-m)`` (entropy) and ``sum z`` (label smoothing); the program whose chunk holds
-a row's target writes the target logit. Splitting the vocabulary into chunks keeps the GPU full when
+softmax and writes five partials per row and chunk: the running max ``m``, ``l = sum e^(z-m)``,
+``s = sum e^(z-m) (z-m)`` (entropy), ``sum z`` (mean logit) and ``sum e^(2(z-m))``; the program
+whose chunk holds a row's target writes the target logit. Splitting the vocabulary into chunks keeps the GPU full when
 there are few row tiles. ``merge_partials_kernel`` then folds the chunks of each row in chunk order.
 
 Chunk boundaries depend only on the kernel config (keyed on D and V), never on N, and every
@@ -16,8 +16,6 @@ import triton.language as tl
 
 from .tiles import logits_tile, online_softmax_step
 
-NUM_PARTIALS = 4
-_PARTIALS = tl.constexpr(NUM_PARTIALS)
 _LARGE_NEGATIVE = tl.constexpr(-3.0e38)  # initial running max: finite, so that 0 * (m_old - m_new) stays 0
 
 
@@ -26,9 +24,9 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
                         N, D, V, stride_hn, stride_wv, softcap,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                         CHUNK_TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        MEAN: tl.constexpr, ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
-                        INPUT_PRECISION: tl.constexpr):
-    """partials: ``[num_chunks, 4, N]`` float32; stats: ``[N, 4]`` float32 (target column written here)."""
+                        MEAN: tl.constexpr, ENTROPY: tl.constexpr, SQUARE: tl.constexpr, STATS: tl.constexpr,
+                        PARTIALS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """partials: ``[num_chunks, PARTIALS, N]`` float32; stats: ``[N, STATS]`` float32 (target column written here)."""
     num_row_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     row_tile = pid % num_row_tiles
@@ -42,6 +40,7 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
     l = tl.zeros((BLOCK_N,), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     z_sum = tl.zeros((BLOCK_N,), tl.float32)
+    q = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     first_tile = chunk * CHUNK_TILES
     last_tile = tl.minimum(first_tile + CHUNK_TILES, tl.cdiv(V, BLOCK_V))
@@ -51,29 +50,32 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, inv_temp, D,
                         stride_hn, stride_wv, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP,
                         UPCAST, INPUT_PRECISION)
-        m, l, s, z_sum, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit,
-                                                           MEAN, ENTROPY)
+        m, l, s, z_sum, q, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, q,
+                                                              target_logit, MEAN, ENTROPY, SQUARE)
 
-    out = partials_ptr + chunk.to(tl.int64) * _PARTIALS * N + rows
+    out = partials_ptr + chunk.to(tl.int64) * PARTIALS * N + rows
     tl.store(out, m, mask=row_mask)
     tl.store(out + N, l, mask=row_mask)
     tl.store(out + 2 * N, s, mask=row_mask)
     tl.store(out + 3 * N, z_sum, mask=row_mask)
+    tl.store(out + 4 * N, q, mask=row_mask)
     in_chunk = (target >= first_tile * BLOCK_V) & (target < last_tile * BLOCK_V)
-    tl.store(stats_ptr + rows.to(tl.int64) * 4 + 1, target_logit, mask=row_mask & in_chunk)
+    tl.store(stats_ptr + rows.to(tl.int64) * STATS + 1, target_logit, mask=row_mask & in_chunk)
 
 
 @triton.jit(do_not_specialize=["N"])
 def merge_partials_kernel(partials_ptr, stats_ptr, N, V, num_chunks, BLOCK: tl.constexpr, MEAN: tl.constexpr,
-                          ENTROPY: tl.constexpr):
-    """Fold ``[num_chunks, 4, N]`` partials into stats columns lse, mean logit and entropy, in chunk order."""
+                          ENTROPY: tl.constexpr, SQUARE: tl.constexpr, STATS: tl.constexpr, PARTIALS: tl.constexpr):
+    """Fold ``[num_chunks, PARTIALS, N]`` partials into stats columns lse, mean logit, entropy, max logit and
+    square lse (columns as in :mod:`osft_kernels.row_stats`), in chunk order."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < N
     m = tl.full((BLOCK,), _LARGE_NEGATIVE, tl.float32)
     l = tl.zeros((BLOCK,), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     z_sum = tl.zeros((BLOCK,), tl.float32)
-    chunk_stride = N.to(tl.int64) * _PARTIALS
+    q = tl.zeros((BLOCK,), tl.float32)
+    chunk_stride = N.to(tl.int64) * PARTIALS
     for chunk in range(num_chunks):
         src = partials_ptr + chunk * chunk_stride + rows
         m_c = tl.load(src, mask=row_mask, other=0.0)
@@ -84,12 +86,17 @@ def merge_partials_kernel(partials_ptr, stats_ptr, N, V, num_chunks, BLOCK: tl.c
         alpha, alpha_c = tl.exp(shift), tl.exp(shift_c)
         s = alpha * (s + shift * l) + alpha_c * (s_c + shift_c * l_c)
         l = alpha * l + alpha_c * l_c
+        if SQUARE:
+            q = alpha * alpha * q + alpha_c * alpha_c * tl.load(src + 4 * N, mask=row_mask, other=0.0)
         m = m_new
         z_sum += tl.load(src + 3 * N, mask=row_mask, other=0.0)
-    out = stats_ptr + rows.to(tl.int64) * 4
+    out = stats_ptr + rows.to(tl.int64) * STATS
     log_l = tl.log(l)
     tl.store(out, m + log_l, mask=row_mask)
     if MEAN:
         tl.store(out + 2, z_sum / V, mask=row_mask)
     if ENTROPY:
         tl.store(out + 3, log_l - s / l, mask=row_mask)
+    tl.store(out + 4, m, mask=row_mask)
+    if SQUARE:
+        tl.store(out + 5, 2 * m + tl.log(q), mask=row_mask)

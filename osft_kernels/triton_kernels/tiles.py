@@ -61,11 +61,12 @@ def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask
 
 
 @triton.jit
-def online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit, MEAN: tl.constexpr,
-                        ENTROPY: tl.constexpr):
+def online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, q, target_logit, MEAN: tl.constexpr,
+                        ENTROPY: tl.constexpr, SQUARE: tl.constexpr):
     """Fold a ``[ROWS, TILE]`` tile of logits ``z`` (columns ``cols``, valid where ``col_mask``) into
     each row's running max ``m``, ``l = sum e^(z-m)``, ``s = sum e^(z-m) (z-m)`` (entropy), ``sum z``
-    (label smoothing) and target logit. Returns the five updated ``[ROWS]`` values."""
+    (mean logit), ``q = sum e^(2(z-m))`` (sum of squared probabilities) and target logit. Returns the
+    six updated ``[ROWS]`` values."""
     target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
     if MEAN:
         z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
@@ -78,5 +79,7 @@ def online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, target_logit,
     if ENTROPY:
         # e == 0 where z is -inf (masked columns, -inf bias): those add nothing, not 0 * inf
         s = alpha * (s + shift * l) + tl.sum(e * tl.where(e > 0, z_shifted, 0.0), 1)
+    if SQUARE:
+        q = alpha * alpha * q + tl.sum(e * e, 1)
     l = alpha * l + tl.sum(e, 1)
-    return m_new, l, s, z_sum, target_logit
+    return m_new, l, s, z_sum, q, target_logit
