@@ -8,18 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_lm import build_tiny_model
 
 from osft import packaged
 from osft.demo import DemoSettings, format_table, run_demo
 
 TINY = {"train_prompts": 4, "prompts_per_step": 2, "num_generations": 2, "eval_prompts": 3, "eval_samples": 2,
         "max_new_tokens": 6, "eval_every": 1, "lr": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def check_outputs(run_dir: Path, results: dict, *, ablation: bool) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, build_tiny_model, write_rows
+from tiny_lm import arithmetic_rows, write_rows
 from transformers import AutoTokenizer
 
 from osft.config import ConfigError, DataConfig, ModelConfig, load_config
@@ -15,11 +15,6 @@ from osft.data import load_rows, tokenize_prompts, tokenize_responses
 from osft.model import load_causal_lm
 from osft.recipes import make_recipe
 from osft.rewards import exact_match_reward, math_reward
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, build_tiny_model, write_rows
+from tiny_lm import arithmetic_rows, write_rows
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -23,16 +23,6 @@ from osft.recipes import make_recipe
 from osft.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_rows(tmp_path_factory.mktemp("data") / "train.jsonl", arithmetic_rows())
 
 
 def base_overrides(model_dir, data_file, run_dir, recipe="osft"):

@@ -12,23 +12,13 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, build_tiny_model, write_rows
+from tiny_lm import arithmetic_rows, write_rows
 
 from osft.cli import main as cli_main
 from osft.config import ConfigError, load_config
 from osft.model import load_causal_lm
 from osft.run_dir import Checkpoints, RunError, drop_logged_after
 from osft.train import train
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_rows(tmp_path_factory.mktemp("data") / "train.jsonl", arithmetic_rows())
 
 
 def overrides(model_dir, data_file, run_dir, *extra, recipe="sft"):
