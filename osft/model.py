@@ -5,25 +5,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from osft_kernels.integrations.head import OutputHead, output_head
 
 from .config import ConfigError, ModelConfig
 from .packaged import PACKAGED_MODELS, resolve_model_path
-
-
-@dataclass
-class OutputHead:
-    """``logits = softcap(hidden @ weight.T + bias) / temperature_scale``, as the fused ops take it.
-
-    ``temperature_scale`` folds a model's constant logit scaling (Cohere's ``logit_scale``,
-    Granite's ``logits_scaling``) into the loss temperature: pass ``tau * temperature_scale``.
-    """
-
-    weight: Tensor
-    bias: Tensor | None
-    softcap: float | None
-    temperature_scale: float
 
 
 @dataclass
@@ -41,24 +29,6 @@ class CausalLM:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-
-def output_head(model: PreTrainedModel) -> OutputHead:
-    """The output layer of ``model`` as the fused ops need it; refuses heads they cannot reproduce."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ValueError(f"the output layer is a {type(head).__name__}, not a plain nn.Linear (e.g. a PEFT adapter "
-                         f"on lm_head): the fused loss would silently ignore it; keep adapters off lm_head")
-    config = model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:       # logits * logit_scale
-        scale = 1.0 / float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:    # logits / logits_scaling
-        scale = float(config.logits_scaling)
-    if softcap is not None and scale != 1.0:
-        raise ValueError("a model with both logit scaling and final-logit softcapping is not supported")
-    return OutputHead(head.weight, head.bias, float(softcap) if softcap else None, scale)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
