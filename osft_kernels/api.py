@@ -3,7 +3,7 @@ output layer, without materializing ``[tokens, vocab]`` logits.
 
 Logits of token i over vocabulary entry j::
 
-    s_ij = hidden_i . weight_j + bias_j
+    s_ij = (hidden_i . weight_j + bias_j) * logit_scale
     s_ij = softcap * tanh(s_ij / softcap)          (if softcap)
     z_ij = s_ij / temperature_i
 """
@@ -46,8 +46,8 @@ def _outside_autocast(fn):
 
 @_outside_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                    temperature: float | Tensor = 1.0, softcap: float | None = None, ignore_index: int = -100,
-                    return_entropy: bool = False, shift: bool = False, backend: str = "auto",
+                    temperature: float | Tensor = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False, shift: bool = False, backend: str = "auto",
                     memory_budget: int | None = None) -> LogProbs:
     """Log-probabilities of ``targets`` (and the softmax entropy) under ``softmax(z)``.
 
@@ -57,6 +57,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
         targets: integer ``hidden.shape[:-1]``, values in ``[0, V)`` or ``ignore_index``.
         temperature: float > 0, or a tensor broadcastable to ``targets.shape`` (per row; no grad).
         softcap: None or float > 0 (``softcap * tanh(s / softcap)`` before temperature).
+        logit_scale: float > 0 multiplying the logits before the softcap (Cohere's ``logit_scale``,
+            Granite's ``1 / logits_scaling``); folded into softcap and temperature.
         return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
         shift: position t predicts target t+1 along the last dim; the last position is dropped.
         backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, else
@@ -72,8 +74,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     """
     inputs.check_flag("return_entropy", return_entropy)
     out = linear_token_outputs(hidden, weight, targets, outputs=("logprobs", "entropy") if return_entropy else (),
-                               bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                               shift=shift, backend=backend, memory_budget=memory_budget)
+                               bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                               ignore_index=ignore_index, shift=shift, backend=backend, memory_budget=memory_budget)
     return LogProbs(out.logprobs, out.entropy)
 
 
@@ -96,13 +98,14 @@ class TokenOutputs(NamedTuple):
 @_outside_autocast
 def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, outputs=("logprobs",),
                          bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
-                         ignore_index: int = -100, shift: bool = False, backend: str = "auto",
+                         logit_scale: float = 1.0, ignore_index: int = -100, shift: bool = False, backend: str = "auto",
                          memory_budget: int | None = None) -> TokenOutputs:
     """Per-token logprobs and, as ``outputs`` names them, entropy and the metrics of :class:`TokenOutputs`
     (``"logprobs"``, ``"entropy"``, ``"mean_logit"``, ``"is_top1"``, ``"log_sum_sq_probs"``), all from one
     pass over the logits. Arguments and gradients as in :func:`linear_logprobs`."""
     wanted = inputs.check_outputs(outputs, TokenOutputs._fields)
     options = inputs.backend_options(memory_budget)
+    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
     flags = dict(entropy="entropy" in wanted, mean="mean_logit" in wanted, square="log_sum_sq_probs" in wanted)
     if torch.compiler.is_compiling():
         stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, **flags,
@@ -128,8 +131,8 @@ def _token_outputs(row: RowStats, wanted: frozenset, place) -> TokenOutputs:
 @_outside_autocast
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                          weights: Tensor | None = None, temperature: float | Tensor = 1.0,
-                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
+                         softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
                          backend: str = "auto", memory_budget: int | None = None) -> Tensor:
     """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
 
@@ -147,6 +150,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     inputs.check_label_smoothing(label_smoothing)
     inputs.check_z_loss(z_loss)
     options = inputs.backend_options(memory_budget)
+    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
     if reduction not in inputs.REDUCTIONS:
         raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
     if torch.compiler.is_compiling():
@@ -181,7 +185,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 @_outside_autocast
 def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_loss, *, return_entropy: bool = False,
                       bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
-                      ignore_index: int = -100, shift: bool = False, backend: str = "auto",
+                      logit_scale: float = 1.0, ignore_index: int = -100, shift: bool = False, backend: str = "auto",
                       memory_budget: int | None = None) -> tuple[Tensor, LogProbs]:
     """``sum_t token_loss(logprobs_t, entropy_t)`` over the non-ignored (shifted) target tokens, with the
     gradients formed during the forward pass on the chunked backends: 6NDV FLOPs where
@@ -200,6 +204,7 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
         raise TypeError(f"token_loss must be callable, got {type(token_loss).__name__}")
     inputs.check_flag("return_entropy", return_entropy)
     options = inputs.backend_options(memory_budget)
+    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
     rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     impl = resolve_backend(backend, hidden.device)
     positions = (rows.out_index if rows.out_index is not None

@@ -122,6 +122,26 @@ def check_in_compute_dtype(name: str, value, dtype: torch.dtype) -> None:
                          f"compute dtype {dtype}){got}")
 
 
+def fold_logit_scale(logit_scale, temperature, softcap) -> tuple:
+    """``(temperature, softcap)`` that apply a constant logit multiplier ``a`` (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``) before the softcap: ``c tanh(a s / c) / T = (c/a) tanh(s / (c/a)) / (T/a)``,
+    so ``softcap / a`` and ``temperature / a`` (also ``s * a / T = s / (T/a)`` without a softcap)."""
+    check_positive_number("logit_scale", logit_scale)
+    if logit_scale == 1:
+        return temperature, softcap
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        temperature = temperature / logit_scale
+    else:
+        check_positive_number("temperature", temperature)
+        temperature = temperature / logit_scale
+    if softcap is not None:
+        check_positive_number("softcap", softcap, allow_none=True)
+        softcap = softcap / logit_scale
+    return temperature, softcap
+
+
 def check_label_smoothing(value) -> None:
     if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {value!r}")
