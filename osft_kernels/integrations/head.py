@@ -36,6 +36,12 @@ def output_head(model: nn.Module) -> OutputHead:
         scale, scaling = 1.0 / float(config.logit_scale), "logit_scale"
     if getattr(config, "logits_scaling", None) is not None:    # logits / logits_scaling
         scale, scaling = float(config.logits_scaling), "logits_scaling"
+    unknown = [name for name in ("output_multiplier", "lm_head_multiplier") if getattr(config, name, None) is not None]
+    if getattr(config, "model_type", None) == "hyperclovax" and scaling == "logits_scaling":
+        unknown.append("logits_scaling (which HyperCLOVA X multiplies by)")
+    if unknown:
+        raise ValueError(f"the config sets {', '.join(unknown)}, a logit scaling the fused ops do not reproduce; "
+                         f"supported: logit_scale (Cohere), logits_scaling (Granite), final_logit_softcapping")
     if softcap is not None and scale != 1.0:
         raise ValueError(f"a model with both logit scaling and final-logit softcapping is not supported: its config "
                          f"sets {scaling}={getattr(config, scaling)} and final_logit_softcapping={softcap}, and the "

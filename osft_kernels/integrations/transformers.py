@@ -278,14 +278,7 @@ def _fused_outputs(model, run_original, call: dict, request: _Request, options: 
                          "training mode, or return_token_logprobs=True): mark the positions to skip with "
                          "ignore_index in labels/targets instead")
     head = output_head(model)
-    captured = []
-    hook = _decoder(model).register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
-    try:
-        no_position = torch.empty(0, dtype=torch.long, device=head.weight.device)
-        outputs = run_original(model, **call, logits_to_keep=no_position, return_dict=True)
-    finally:
-        hook.remove()
-    hidden = captured[-1]
+    hidden, outputs = decoder_hidden_states(model, run_original, call, head.weight.device)
     temperature = _temperature(request.temperature, hidden.shape[0]) * head.temperature_scale
 
     loss = None
@@ -311,6 +304,20 @@ def _fused_outputs(model, run_original, call: dict, request: _Request, options: 
     if return_dict is False or (return_dict is None and not model.config.return_dict):
         return result.to_tuple()
     return result
+
+
+def decoder_hidden_states(model: nn.Module, run_original, call: dict, device: torch.device):
+    """Runs ``run_original(model, **call)`` keeping no logit position (``call`` without ``logits_to_keep`` and
+    ``return_dict``); returns the decoder's last hidden states ``[B, T, D]`` (in the dtype the decoder returns) and
+    the forward's output dict (``aux_loss`` and the other fields of the model's own forward, no logits)."""
+    captured = []
+    hook = _decoder(model).register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    try:
+        no_position = torch.empty(0, dtype=torch.long, device=device)
+        outputs = run_original(model, **call, logits_to_keep=no_position, return_dict=True)
+    finally:
+        hook.remove()
+    return captured[-1], outputs
 
 
 def _causal_lm_loss(hidden: Tensor, head: OutputHead, labels: Tensor | None, shift_labels: Tensor | None,
