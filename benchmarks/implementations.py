@@ -110,6 +110,25 @@ def liger(op, hidden, weight, targets, upstream):
     return _with_grads(op, hidden, weight, upstream, lambda: loss(weight, hidden, targets))
 
 
+TRL_CHUNK_TOKENS = 32768  # the chunk size TRL 1.16's trainers pass to its kernel
+
+
+def trl(op, hidden, weight, targets, upstream):
+    """TRL 1.16's fused LM-head kernel (``trl.kernels.ChunkedLogProbFunction``, what its SFT/GRPO/RLOO/DPO/KTO
+    trainers call: Triton on CUDA, a tiled PyTorch path elsewhere); cross-entropy as ``-mean(log_probs)``."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    outputs = ("entropy",) if op == "logprobs_entropy" else ()
+
+    def forward():
+        logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, TRL_CHUNK_TOKENS, None,
+                                                         1.0, outputs)
+        if op == "ce":
+            return -logp.mean()
+        return (logp, entropy) if op == "logprobs_entropy" else logp
+    return _with_grads(op, hidden, weight, upstream, forward)
+
+
 def gemm_ceiling(op, hidden, weight, targets, upstream):
     """Not a loss: the op's GEMMs alone in the input dtype (the logits product and, when trained, the
     two gradient products with the logits standing in for their gradient): the time a fused
@@ -140,6 +159,7 @@ IMPLEMENTATIONS = {
     "liger": liger,
     "cce": _cce("cce"),
     "cce_torch_compile": _cce("torch_compile"),
+    "trl": trl,
     "ours_torch": ours("torch"),
     "ours_triton": ours("triton"),
     "gemm_ceiling": gemm_ceiling,
@@ -151,7 +171,7 @@ NEEDS_CUDA = {"liger": "Liger-Kernel's kernels are Triton: CUDA only",
               "cce": "CCE's 'cce' kernels are Triton: CUDA only",
               "ours_triton": "the triton backend runs on CUDA tensors (on CPU only in the interpreter, for tests)"}
 PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "cce_torch_compile": "cut_cross_entropy",
-            "ours_triton": "triton"}
+            "trl": "trl", "ours_triton": "triton"}
 
 
 def unavailable(name: str, op: str, device: torch.device) -> str | None:

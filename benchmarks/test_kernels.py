@@ -54,7 +54,7 @@ def environment() -> dict:
     """The device and the versions of everything compared, for the report's header."""
     device = describe(DEVICE)
     versions = {"torch": torch.__version__}
-    for package in ("triton", "liger-kernel", "cut-cross-entropy", "osft-kernels"):
+    for package in ("triton", "liger-kernel", "cut-cross-entropy", "trl", "osft-kernels"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

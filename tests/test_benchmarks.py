@@ -29,5 +29,5 @@ def test_harness_and_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (out / "smoke.md").read_text()
     assert "## ce: N=256, D=64, V=1000, float32" in markdown and "| naive | " in markdown
-    assert "| ours_torch | " in markdown and "Not run: " in markdown
+    assert "| ours_torch | " in markdown and "| trl | " in markdown and "Not run: " in markdown
     assert (out / "smoke.png").stat().st_size > 0 and (out / "smoke.json").exists()
