@@ -95,6 +95,29 @@ def assert_close_to_max(actual, expected, rtol, atol, msg=""):
 TOLERANCE = {torch.float32: (1e-5, 1e-5, 1e-6), torch.bfloat16: (1e-3, 2e-2, 2e-2)}
 
 
+@pytest.mark.parametrize("keep", [5, "positions", "mask"])
+def test_logits_to_keep_limits_the_loss_to_the_kept_positions(keep):
+    """As the model's own forward: the loss reads only the kept positions, with labels of their length."""
+    model = tiny("llama")
+    input_ids, labels = batch()
+    if keep == 5:
+        kept_labels = labels[:, -5:]
+    elif keep == "positions":
+        keep = torch.tensor([[3, 8, 9, 20]] * 3)
+        kept_labels = labels.gather(1, keep)
+    else:
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, 10:16] = True
+        kept_labels = labels[keep]
+    expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=kept_labels, logits_to_keep=keep)
+    patch(model)
+    ours, grads = loss_and_grads(model, input_ids=input_ids, labels=kept_labels, logits_to_keep=keep)
+    assert ours.logits is None
+    assert_close_to_max(ours.loss, expected.loss, 1e-5, 1e-6)
+    for name, grad in expected_grads.items():
+        assert_close_to_max(grads[name], grad, 1e-5, 1e-6, msg=name)
+
+
 @pytest.mark.parametrize("items", ["mean", "num_items"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", TYPES)
@@ -336,8 +359,8 @@ def test_bad_arguments_are_refused_by_name():
         patch(both)
 
     patch(model)
-    with pytest.raises(ValueError, match="logits_to_keep must be 0 when the patched forward computes fused"):
-        model(input_ids=input_ids, labels=labels, logits_to_keep=1)
+    with pytest.raises(ValueError, match="logits_to_keep must be 0 with return_token_logprobs=True"):
+        model(input_ids=input_ids, return_token_logprobs=True, logits_to_keep=1)
     with pytest.raises(ValueError, match="targets/shift_targets are read only with return_token_logprobs=True"):
         model(input_ids=input_ids, targets=labels)
     with pytest.raises(ValueError, match="temperature applies only to the fused outputs"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 import transformers
 from torch import Tensor, nn
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import inputs
@@ -109,7 +110,8 @@ def patch(model_or_model_type, *, backend: str = "auto", memory_budget: int | No
       targets; divides the logits of both fused outputs (default 1.0).
 
     Calls with neither labels in the fused mode nor the logprobs request run the original forward
-    unchanged (logits included). ``logits_to_keep`` is for those calls only.
+    unchanged (logits included). ``logits_to_keep`` slices the positions the loss reads, as the model's
+    own forward does (labels of the kept length); with ``return_token_logprobs`` it must be 0.
     """
     options = _options(backend, memory_budget)
     if isinstance(model_or_model_type, str):
@@ -273,17 +275,19 @@ def _fused_outputs(model, run_original, call: dict, request: _Request, options: 
     ignore_index = call.pop("ignore_index", -100)
     return_dict = call.pop("return_dict", None)
     logits_to_keep = call.pop("logits_to_keep", 0)
-    if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        raise ValueError("logits_to_keep must be 0 when the patched forward computes fused outputs (labels in "
-                         "training mode, or return_token_logprobs=True): mark the positions to skip with "
-                         "ignore_index in labels/targets instead")
+    keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    if not keeps_all and request.return_token_logprobs:
+        raise ValueError("logits_to_keep must be 0 with return_token_logprobs=True: mark the positions to skip "
+                         "with ignore_index in targets instead")
     head = output_head(model)
     hidden, outputs = decoder_hidden_states(model, run_original, call, head.weight.device)
     temperature = _temperature(request.temperature, hidden.shape[0]) * head.temperature_scale
 
     loss = None
     if labels is not None or shift_labels is not None:
-        loss = _causal_lm_loss(hidden, head, labels, shift_labels, num_items_in_batch, temperature, ignore_index,
+        # as the model's forward: the loss reads the kept positions only, with labels of their length
+        kept = hidden if keeps_all else slice_logits_to_keep(hidden, logits_to_keep)
+        loss = _causal_lm_loss(kept, head, labels, shift_labels, num_items_in_batch, temperature, ignore_index,
                                options)
         aux_loss = outputs.get("aux_loss")
         if aux_loss is not None:
