@@ -1,7 +1,7 @@
-"""The transformers patch under real two-process DDP (gloo, CPU): each rank computes the fused loss of
-its half of a batch inside the wrapped model's forward, and after backward every rank holds the
+"""The transformers patch under real two-process DDP and FSDP2 (gloo, CPU): each rank computes the fused
+loss of its half of a batch inside the wrapped model's forward, and after backward every rank holds the
 gradient of the whole batch, ``lm_head`` included (calling the decoder and the loss by hand bypasses
-DDP and leaves the output layer's gradients unsynchronized)."""
+the wrapper and leaves the output layer's gradients unsynchronized)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -31,24 +31,37 @@ def batch():
     return input_ids, labels
 
 
-def _worker(rank: int, world_size: int, init_file: str, result_file: str):
+def _wrapped(model, wrapper: str):
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)  # lm_head in the root unit
+
+
+def _worker(rank: int, world_size: int, init_file: str, result_file: str, wrapper: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(patch(tiny_model()))
+        model = _wrapped(patch(tiny_model()), wrapper)
         input_ids, labels = batch()
         mine = slice(2 * rank, 2 * rank + 2)
         local_items = int((labels[mine, 1:] != -100).sum())
         loss = model(input_ids=input_ids[mine], labels=labels[mine],
                      num_items_in_batch=ddp_num_items(local_items)).loss
         loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.module.named_parameters()}
+        module = model.module if wrapper == "ddp" else model
+        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for name, p in module.named_parameters()}
         torch.save(grads, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_rank_ddp_gives_every_rank_the_whole_batch_gradient(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grads")), nprocs=2)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_ranks_give_every_rank_the_whole_batch_gradient(tmp_path, wrapper):
+    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grads"), wrapper),
+                                nprocs=2)
     ranks = [torch.load(tmp_path / f"grads.{rank}") for rank in range(2)]
 
     model = tiny_model()  # unpatched, one process, the whole batch
