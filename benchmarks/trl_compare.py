@@ -1,6 +1,7 @@
 """One training step (forward + backward of the loss) of a small Llama with a large vocabulary through TRL's fused
-LM head (``trl.trainer.utils.add_fused_lm_head``), through this package's (``osft_kernels.integrations.trl``), and
-through the model's own forward with labels (full logits). A measurement, not a test::
+LM head (``trl.trainer.utils.add_fused_lm_head``), through this package's (``osft_kernels.integrations.trl``),
+through the transformers patch (``osft_kernels.integrations.transformers.patch``), and through the model's own
+forward with labels (full logits). A measurement, not a test::
 
     .venv/bin/python benchmarks/trl_compare.py                  # V=128256, hidden 256, 2048 tokens, float32, CPU
 
@@ -18,6 +19,7 @@ import transformers
 import trl
 from trl.trainer import utils as trl_utils
 
+from osft_kernels.integrations import transformers as osft_transformers
 from osft_kernels.integrations import trl as osft_trl
 from osft_kernels.memory import PeakMemory
 
@@ -70,6 +72,7 @@ def main():
 
     variants = {"TRL fused head": trl_utils.add_fused_lm_head,
                 "osft_kernels (use_fused_ops)": osft_trl.add_fused_lm_head,
+                "osft_kernels (transformers patch)": osft_transformers.patch,
                 "model's own forward (full logits)": None}
     print("| head | loss | peak MiB | s/step |")
     print("|---|---|---|---|")
@@ -77,7 +80,7 @@ def main():
         model = build(args.vocab, args.hidden)
         if add is not None:
             add(model)
-        fused = add is not None
+        fused = add is not None and add is not osft_transformers.patch  # the patched forward needs no flag
         loss = step(model, input_ids, labels, fused)      # warm-up
         times = []
         for _ in range(args.steps):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from osft_kernels.integrations import verl as verl_shim
+from osft_kernels.memory import PeakMemory
 
 
 def reference(hidden, weight, labels, temperature):
@@ -28,16 +29,18 @@ def reference(hidden, weight, labels, temperature):
 
 
 def outputs_and_grads(fn, hidden, weight, labels, temperature, up):
-    """``fn``'s outputs and the gradients of ``sum(up[0] * logprobs + up[1] * entropy)``, plus the seconds
-    of forward + backward (median of 5)."""
+    """``fn``'s outputs and the gradients of ``sum(up[0] * logprobs + up[1] * entropy)``, the seconds of
+    forward + backward (median of 5), and the peak MiB of one more call (:class:`osft_kernels.memory.PeakMemory`:
+    live tensors allocated during the call, the returned gradients included)."""
     times = []
-    for _ in range(5):
+    for _ in range(6):
         h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
         start = time.perf_counter()
-        logprobs, entropy = fn(h, w, labels, temperature)
-        grads = torch.autograd.grad((logprobs * up[0]).sum() + (entropy * up[1]).sum(), (h, w))
+        with PeakMemory() as memory:
+            logprobs, entropy = fn(h, w, labels, temperature)
+            grads = torch.autograd.grad((logprobs * up[0]).sum() + (entropy * up[1]).sum(), (h, w))
         times.append(time.perf_counter() - start)
-    return (logprobs.detach(), entropy.detach(), *grads), sorted(times)[2]
+    return (logprobs.detach(), entropy.detach(), *grads), sorted(times[:5])[2], memory.peak_mib
 
 
 def compare_kernels():
@@ -45,8 +48,8 @@ def compare_kernels():
 
     verl_torch = FusedLinearForPPO()
     print("## kernel: [1, N, D] packed hidden states, N=1000, D=256, V=10007, logits of std 4, temperature 0.7\n")
-    print("| dtype | implementation | logprobs | entropy | d_hidden | d_weight | fwd+bwd (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | implementation | logprobs | entropy | d_hidden | d_weight | fwd+bwd (s) | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     n, d, v, temperature = 1000, 256, 10007, 0.7
     hidden32, weight32 = torch.randn(1, n, d, generator=g), torch.randn(v, d, generator=g) * 0.25
@@ -61,10 +64,11 @@ def compare_kernels():
         impls = {"osft_kernels drop-in": lambda h, w, y, t: verl_shim.linear_cross_entropy(h, w, y, t, "none"),
                  "verl FusedLinearForPPO": lambda h, w, y, t: verl_torch(h, w, y, t)}
         for name, fn in impls.items():
-            got, seconds = outputs_and_grads(fn, hidden, weight, labels, temperature, up)
+            got, seconds, peak = outputs_and_grads(fn, hidden, weight, labels, temperature, up)
             errors = " | ".join(f"{(a.double() - r.detach()).abs().max().item():.2e}" for a, r in zip(got, ref))
             dtypes = "/".join(str(a.dtype).removeprefix("torch.") for a in got[:2])
-            print(f"| {str(dtype).removeprefix('torch.')} | {name} (outputs {dtypes}) | {errors} | {seconds:.2f} |")
+            print(f"| {str(dtype).removeprefix('torch.')} | {name} (outputs {dtypes}) | {errors} | {seconds:.2f} | "
+                  f"{peak:.0f} |")
         print(f"\nmax |float64 reference| ({str(dtype).removeprefix('torch.')}; logprobs / entropy / d_hidden / "
               f"d_weight): {scale}\n")
 
