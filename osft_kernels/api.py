@@ -110,7 +110,7 @@ def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, out
     if torch.compiler.is_compiling():
         stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, **flags,
                               backend=backend, options=options)
-        valid = _valid_targets(targets, ignore_index, shift)
+        valid = inputs.target_mask(targets, ignore_index, shift)
         return _token_outputs(RowStats.of(stats), wanted, lambda x: torch.where(valid, x, x.new_zeros(())))
     rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     stats = resolve_backend(backend, hidden.device).row_stats(rows, weight, bias, softcap, **flags, options=options)
@@ -232,11 +232,6 @@ def _split_temperature(temperature) -> tuple[Tensor | None, float]:
     return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, float(temperature))
 
 
-def _valid_targets(targets: Tensor, ignore_index: int, shift: bool) -> Tensor:
-    """Bool grid of the (shifted) targets that are not ignored."""
-    return (targets[..., 1:] if shift else targets).long() != ignore_index
-
-
 def _check_traced(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift) -> None:
     """The checks that need no tensor values, at trace time; the custom ops check the values when they run."""
     inputs.check_head(hidden, weight, bias)
@@ -268,7 +263,7 @@ def _traced_cross_entropy(hidden, weight, targets, bias, weights, temperature, s
     loss = token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss)
     if weights is not None:
         loss = loss * (weights[..., 1:] if shift else weights).detach().to(loss.dtype)
-    valid = _valid_targets(targets, ignore_index, shift)
+    valid = inputs.target_mask(targets, ignore_index, shift)
     loss = torch.where(valid, loss, 0.0)
     if reduction == "none":
         return loss

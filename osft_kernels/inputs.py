@@ -99,6 +99,17 @@ def check_targets(targets, hidden: Tensor, vocab_size: int, ignore_index) -> Ten
     return targets
 
 
+def target_mask(targets: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """Bool mask of the (shifted) targets that carry loss: ``targets[..., 1:]`` when ``shift``; compared
+    as int64, like :func:`check_targets`, so a narrow integer type cannot wrap around ``ignore_index``."""
+    require_tensor("targets", targets)
+    if shift:
+        if targets.dim() == 0:
+            raise ValueError("shift=True needs targets with at least one dimension to shift along")
+        targets = targets[..., 1:]
+    return targets.long() != ignore_index
+
+
 def check_positive_number(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return

@@ -416,3 +416,15 @@ def test_ddp_num_items_with_averaged_gradients_gives_the_full_batch_gradient(tmp
     with pytest.raises(ValueError, match="local_count must be a finite number >= 0"):
         ddp_num_items(-1)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), token_loss, mask, expected), nprocs=2)
+
+
+@pytest.mark.parametrize("normalize", ["tokens", "sequences"])
+def test_sft_loss_masks_narrow_integer_targets_like_the_ops(normalize):
+    """The loss mask compares targets as int64, as the fused ops do: uint8 id 156 is not ignore_index=-100
+    (156 as a byte), so it carries loss and counts in the normalization."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    targets = torch.tensor([[156, 3, 156, 7, 9], [1, 156, 2, 156, 4]])
+    wide = sft_loss(hidden, weight, targets, normalize=normalize, shift=True)
+    narrow = sft_loss(hidden, weight, targets.to(torch.uint8), normalize=normalize, shift=True)
+    assert torch.equal(narrow, wide)

@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from ..api import linear_token_loss
-from ..inputs import is_finite_number
+from ..inputs import is_finite_number, target_mask
 from .aggregation import AGGREGATIONS, aggregation_weights, check_mask
-from .sft import target_mask
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+")

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ..api import linear_logprobs
-from ..inputs import is_finite_number
+from ..inputs import is_finite_number, target_mask
 from .aggregation import aggregate, check_mask
-from .sft import NORMALIZATIONS, target_mask
+from .sft import NORMALIZATIONS
 
 LEVELS = ("token", "block", "sequence")
 

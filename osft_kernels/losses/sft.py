@@ -18,16 +18,6 @@ from .aggregation import aggregation_weights
 NORMALIZATIONS = {"tokens": "token-mean", "sequences": "seq-mean-token-mean"}
 
 
-def target_mask(targets: Tensor, ignore_index: int, shift: bool) -> Tensor:
-    """Bool mask of the (shifted) targets that carry loss: ``targets[..., 1:]`` when ``shift``."""
-    inputs.require_tensor("targets", targets)
-    if shift:
-        if targets.dim() == 0:
-            raise ValueError("shift=True needs targets with at least one dimension to shift along")
-        targets = targets[..., 1:]
-    return targets != ignore_index
-
-
 def unshift(values: Tensor, shift: bool) -> Tensor:
     """Per-target values shaped like the shifted targets, padded back to the unshifted shape (the
     first position, which no position predicts, gets 0), as the public functions take ``weights``."""
@@ -57,7 +47,7 @@ def sft_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, weights: Tensor
 
     Returns a float32 scalar (0 with zero gradients when every token is ignored).
     """
-    mask = target_mask(targets, ignore_index, shift)
+    mask = inputs.target_mask(targets, ignore_index, shift)
     if isinstance(normalize, str):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be 'tokens', 'sequences' or a number > 0, got {normalize!r}")
