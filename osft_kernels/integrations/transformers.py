@@ -51,7 +51,7 @@ CAUSAL_LM_CLASSES = {
 
 
 @dataclass(frozen=True)
-class _Options:
+class FusedOptions:
     """What :func:`patch` was given for the fused ops."""
 
     backend: str
@@ -113,7 +113,7 @@ def patch(model_or_model_type, *, backend: str = "auto", memory_budget: int | No
     unchanged (logits included). ``logits_to_keep`` slices the positions the loss reads, as the model's
     own forward does (labels of the kept length); with ``return_token_logprobs`` it must be 0.
     """
-    options = _options(backend, memory_budget)
+    options = fused_options(backend, memory_budget)
     if isinstance(model_or_model_type, str):
         cls = causal_lm_class(model_or_model_type)
         replaced = _replaced(cls.__dict__.get("forward"))
@@ -121,7 +121,7 @@ def patch(model_or_model_type, *, backend: str = "auto", memory_budget: int | No
         return cls
     if isinstance(model_or_model_type, nn.Module):
         model = _base_model(model_or_model_type)
-        _check_patchable(model)
+        check_patchable(model)
         replaced = _replaced(model.__dict__.get("forward"))
         own = replaced.forward if replaced else _own_forward(model)
         model.forward = types.MethodType(_fused_forward(own, options, type(model)), model)
@@ -168,11 +168,11 @@ def _warn_fallback(model_type: str, class_name: str) -> None:
                   f"test checks against this model's own loss", stacklevel=3)
 
 
-def _options(backend, memory_budget) -> _Options:
+def fused_options(backend, memory_budget) -> FusedOptions:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     inputs.backend_options(memory_budget)  # raises on a bad budget now rather than at the first step
-    return _Options(backend, memory_budget)
+    return FusedOptions(backend, memory_budget)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -190,7 +190,7 @@ def _decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def _check_patchable(model: nn.Module) -> None:
+def check_patchable(model: nn.Module) -> None:
     """Refuses models the patched forward cannot serve, before any step; warns on the fallback."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     name = CAUSAL_LM_CLASSES.get(model_type)
@@ -228,7 +228,7 @@ def _own_forward(model: nn.Module):
     return getattr(own, "__func__", None)
 
 
-def _fused_forward(original, options: _Options, model_class: type):
+def _fused_forward(original, options: FusedOptions, model_class: type):
     """A forward taking ``self`` first, with the fused outputs, around ``original`` (a function taking
     ``self`` first; None: the forward of ``type(self)`` at call time, for an instance patch)."""
     template = original if original is not None else model_class.forward
@@ -239,7 +239,7 @@ def _fused_forward(original, options: _Options, model_class: type):
     def forward(self, *args, **kwargs):
         run_original = original if original is not None else type(self).forward
         request = _Request.pop(kwargs)
-        call = _keywords(signature, args, kwargs)
+        call = call_keywords(signature, args, kwargs)
         has_labels = call.get("labels") is not None or call.get("shift_labels") is not None
         fused_loss = has_labels and (self.training if request.skip_logits is None else request.skip_logits)
         if not (fused_loss or request.return_token_logprobs):
@@ -253,7 +253,7 @@ def _fused_forward(original, options: _Options, model_class: type):
     return forward
 
 
-def _keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+def call_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     """A forward call's arguments by name (``**kwargs`` merged in); refuses extra positionals."""
     arguments = {}
     for name, value in signature.bind(*args, **kwargs).arguments.items():
@@ -268,7 +268,7 @@ def _keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     return arguments
 
 
-def _fused_outputs(model, run_original, call: dict, request: _Request, options: _Options):
+def _fused_outputs(model, run_original, call: dict, request: _Request, options: FusedOptions):
     """The original forward without logits, plus the fused ``loss`` and requested logprobs."""
     labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
     num_items_in_batch = call.pop("num_items_in_batch", None)
@@ -291,7 +291,7 @@ def _fused_outputs(model, run_original, call: dict, request: _Request, options: 
                                options)
         aux_loss = outputs.get("aux_loss")
         if aux_loss is not None:
-            loss = loss + _router_aux_loss_coef(model) * aux_loss.to(loss.device)
+            loss = loss + router_aux_loss_coef(model) * aux_loss.to(loss.device)
     result = type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k not in ("loss", "logits")})
     if request.return_token_logprobs:
         targets = request.shift_targets if request.shift_targets is not None else request.targets
@@ -325,7 +325,7 @@ def decoder_hidden_states(model: nn.Module, run_original, call: dict, device: to
 
 
 def _causal_lm_loss(hidden: Tensor, head: OutputHead, labels: Tensor | None, shift_labels: Tensor | None,
-                    num_items_in_batch, temperature, ignore_index: int, options: _Options) -> Tensor:
+                    num_items_in_batch, temperature, ignore_index: int, options: FusedOptions) -> Tensor:
     """transformers' causal-LM loss (float32 scalar) from the last hidden states ``[B, T, D]``:
     ``labels [B, T]`` are shifted here, ``shift_labels [B, T]`` are used as given."""
     targets = shift_labels if shift_labels is not None else labels
@@ -341,7 +341,7 @@ def _causal_lm_loss(hidden: Tensor, head: OutputHead, labels: Tensor | None, shi
     return loss / num_items_in_batch
 
 
-def _router_aux_loss_coef(model) -> float:
+def router_aux_loss_coef(model) -> float:
     coef = getattr(model, "router_aux_loss_coef", None)
     if coef is None:
         raise ValueError(f"{type(model).__name__} returned a router aux_loss but has no router_aux_loss_coef, so "

@@ -28,7 +28,7 @@ from trl.trainer import utils as trl_utils
 from .. import inputs
 from ..api import linear_token_outputs
 from .head import output_head
-from .transformers import _check_patchable, _keywords, _options, _router_aux_loss_coef, decoder_hidden_states
+from .transformers import call_keywords, check_patchable, decoder_hidden_states, fused_options, router_aux_loss_coef
 
 TESTED_VERSIONS = ("1.16",)
 # TRL's trainer modules that import ``add_fused_lm_head`` (trl.trainer.<name>); any other loaded trl module
@@ -52,7 +52,7 @@ def use_fused_ops(*, backend: str = "auto", memory_budget: int | None = None, al
     """
     inputs.check_flag("allow_untested", allow_untested)
     _check_version(allow_untested)
-    _options(backend, memory_budget)
+    fused_options(backend, memory_budget)
     for name in TRAINER_MODULES:
         __import__(f"trl.trainer.{name}")
     replacement = functools.partial(add_fused_lm_head, backend=backend, memory_budget=memory_budget)
@@ -108,8 +108,8 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, cast_lm_head_t
     inputs.check_flag("cast_lm_head_to_fp32", cast_lm_head_to_fp32)
     if isinstance(outputs, str) or not all(name in FIELDS for name in outputs):
         raise ValueError(f"outputs must be a tuple of names among {tuple(FIELDS)}, got {outputs!r}")
-    options = _options(backend, memory_budget)
-    _check_patchable(model)
+    options = fused_options(backend, memory_budget)
+    check_patchable(model)
     wanted = tuple(FIELDS[name] for name in ("log_probs", *outputs))
     original_forward = model.forward
     signature = inspect.signature(original_forward)
@@ -121,7 +121,7 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, cast_lm_head_t
             return original_forward(*args, **kwargs, **{k: v for k, v in given.items() if v is not None})
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels [B, T] (or pre-shifted shift_labels [B, T])")
-        call = _keywords(signature, args, kwargs)
+        call = call_keywords(signature, args, kwargs)
         return _fused_output(self, lambda _model, **kw: original_forward(**kw), call,
                              shift_labels if shift_labels is not None else labels, shift_labels is None,
                              num_items_in_batch, temperature, cast_lm_head_to_fp32, wanted, options)
@@ -151,12 +151,12 @@ def _fused_output(model, run_original, call: dict, labels: Tensor, shift: bool, 
     out = linear_token_outputs(hidden, weight, labels, outputs=wanted, bias=bias,
                                temperature=temperature * head.temperature_scale, softcap=head.softcap, shift=shift,
                                backend=options.backend, memory_budget=options.memory_budget)
-    label_mask = (labels[:, 1:] if shift else labels) != -100
+    label_mask = inputs.target_mask(labels, -100, shift)
     count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -out.logprobs.sum() / count
     aux_loss = model_outputs.get("aux_loss") if call.get("output_router_logits") else None
     if aux_loss is not None:
-        loss = loss + _router_aux_loss_coef(model) * aux_loss.to(loss.device)
+        loss = loss + router_aux_loss_coef(model) * aux_loss.to(loss.device)
     return trl_utils.FusedCausalLMOutput(loss=loss, log_probs=out.logprobs, entropy=out.entropy,
                                          log_sum_sq_probs=out.log_sum_sq_probs, mean_logits=out.mean_logit,
                                          is_top1=out.is_top1, label_mask=label_mask, aux_loss=aux_loss)
