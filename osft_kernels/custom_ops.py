@@ -24,8 +24,14 @@ def out_shape(targets: Tensor, shift: bool) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] - 1) if shift and shape else shape
 
 
-def _detached(*tensors: Tensor | None) -> list[Tensor | None]:
-    return [None if t is None else t.detach() for t in tensors]
+def _rows(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: Tensor | None,
+          temperature_value: float, softcap: float | None, ignore_index: int, shift: bool):
+    """``(rows, weight, bias)``: the checked :class:`~osft_kernels.inputs.TokenRows` of the op's inputs, and
+    the output layer, all detached (autograd is the ops' registered backward)."""
+    hidden, weight, bias, temperature = (None if t is None else t.detach() for t in (hidden, weight, bias, temperature))
+    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature_value if temperature is None else temperature,
+                               softcap, ignore_index, shift)
+    return rows, weight, bias
 
 
 def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -38,9 +44,8 @@ def row_stats(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | No
               temperature_value: float, softcap: float | None, ignore_index: int, shift: bool, entropy: bool,
               mean: bool, square: bool, backend: str, memory_budget: int | None) -> Tensor:
     """``[*out_shape, NUM_STATS]`` statistics in the compute dtype, 0 at ignored positions."""
-    hidden, weight, bias, temperature = _detached(hidden, weight, bias, temperature)
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature_value if temperature is None else temperature,
-                               softcap, ignore_index, shift)
+    rows, weight, bias = _rows(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index,
+                               shift)
     with torch.no_grad():
         stats = resolve_backend(backend, hidden.device).row_stats(
             rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
@@ -61,9 +66,8 @@ def row_stats_backward(grad_stats: Tensor, stats: Tensor, hidden: Tensor, weight
                        backend: str, memory_budget: int | None, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for ``(hidden, weight, bias)`` from ``grad_stats`` on :func:`row_stats`' output (empty
     where ``needs`` is False)."""
-    hidden, weight, bias, temperature = _detached(hidden, weight, bias, temperature)
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature_value if temperature is None else temperature,
-                               softcap, ignore_index, shift)
+    rows, weight, bias = _rows(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index,
+                               shift)
     d_rows, d_weight, d_bias = resolve_backend(backend, hidden.device).row_stats_grads(
         rows, weight, bias, softcap, rows.gather(stats), rows.gather(grad_stats), entropy=entropy, mean=mean,
         options=inputs.BackendOptions(memory_budget), needs=tuple(needs))
