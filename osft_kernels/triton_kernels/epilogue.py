@@ -17,9 +17,7 @@ cuBLAS; both kernels apply bias, softcap and ``1 / temperature`` as they read it
 import triton
 import triton.language as tl
 
-from .tiles import online_softmax_step, tanh
-
-_LARGE_NEGATIVE = tl.constexpr(-3.0e38)  # initial running max: finite, so that 0 * (m_old - m_new) stays 0
+from .tiles import online_softmax_init, online_softmax_step, tanh
 
 
 @triton.jit
@@ -48,12 +46,7 @@ def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr
     block = tl.program_id(1)
     inv_temp = tl.load(inv_temp_ptr + rows, mask=row_mask, other=1.0)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - v0
-    m = tl.full((ROWS,), _LARGE_NEGATIVE, tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    s = tl.zeros((ROWS,), tl.float32)
-    z_sum = tl.zeros((ROWS,), tl.float32)
-    q = tl.zeros((ROWS,), tl.float32)
-    target_logit = tl.zeros((ROWS,), tl.float32)
+    m, l, s, z_sum, q, target_logit = online_softmax_init(ROWS)
     for c0 in range(block * BLOCK, block * BLOCK + BLOCK, TILE):
         cols = c0 + tl.arange(0, TILE)
         col_mask = cols < W

@@ -14,9 +14,7 @@ Only ``O(n * V / chunk)`` values reach global memory.
 import triton
 import triton.language as tl
 
-from .tiles import logits_tile, online_softmax_step
-
-_LARGE_NEGATIVE = tl.constexpr(-3.0e38)  # initial running max: finite, so that 0 * (m_old - m_new) stays 0
+from .tiles import logits_tile, online_softmax_init, online_softmax_step
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -36,12 +34,7 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
     inv_temp = tl.load(inv_temp_ptr + rows, mask=row_mask, other=1.0)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
 
-    m = tl.full((BLOCK_N,), _LARGE_NEGATIVE, tl.float32)
-    l = tl.zeros((BLOCK_N,), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    z_sum = tl.zeros((BLOCK_N,), tl.float32)
-    q = tl.zeros((BLOCK_N,), tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    m, l, s, z_sum, q, target_logit = online_softmax_init(BLOCK_N)
     first_tile = chunk * CHUNK_TILES
     last_tile = tl.minimum(first_tile + CHUNK_TILES, tl.cdiv(V, BLOCK_V))
     for tile in range(first_tile, last_tile):
@@ -70,11 +63,7 @@ def merge_partials_kernel(partials_ptr, stats_ptr, N, V, num_chunks, BLOCK: tl.c
     square lse (columns as in :mod:`osft_kernels.row_stats`), in chunk order."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < N
-    m = tl.full((BLOCK,), _LARGE_NEGATIVE, tl.float32)
-    l = tl.zeros((BLOCK,), tl.float32)
-    s = tl.zeros((BLOCK,), tl.float32)
-    z_sum = tl.zeros((BLOCK,), tl.float32)
-    q = tl.zeros((BLOCK,), tl.float32)
+    m, l, s, z_sum, q, _ = online_softmax_init(BLOCK)
     chunk_stride = N.to(tl.int64) * PARTIALS
     for chunk in range(num_chunks):
         src = partials_ptr + chunk * chunk_stride + rows

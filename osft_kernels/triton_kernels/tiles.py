@@ -60,6 +60,17 @@ def logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask
     return acc * inv_temp[:, None]
 
 
+LARGE_NEGATIVE = tl.constexpr(-3.0e38)  # initial running max: finite, so that 0 * (m_old - m_new) stays 0
+
+
+@triton.jit
+def online_softmax_init(ROWS: tl.constexpr):
+    """The empty state of :func:`online_softmax_step` for ``ROWS`` rows: ``m`` (finite), ``l``, ``s``,
+    ``sum z``, ``q`` and the target logit, each ``[ROWS]`` float32."""
+    zero = tl.zeros((ROWS,), tl.float32)
+    return tl.full((ROWS,), LARGE_NEGATIVE, tl.float32), zero, zero, zero, zero, zero
+
+
 @triton.jit
 def online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, q, target_logit, MEAN: tl.constexpr,
                         ENTROPY: tl.constexpr, SQUARE: tl.constexpr):
