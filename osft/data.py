@@ -243,22 +243,24 @@ def tokenize_responses(rows: list[dict], config: DataConfig, tokenizer) -> list[
     return [_response_ids(row, config, tokenizer)[:config.max_response_tokens] for row in rows]
 
 
-def response_values(rows: list[dict], column: str, config: DataConfig, tokenizer) -> list[list[float]]:
-    """The per-token values in ``column`` (e.g. ``osft score``'s behavior logprobs: one per response
-    token, EOS included), cut like :func:`tokenize_responses`. A row whose list does not fit its
-    response under this tokenizer is refused, naming the row and column: it may lack only the
-    tokens that ``max_response_tokens`` cuts off."""
-    out = []
+def tokenize_responses_with_values(rows: list[dict], column: str, config: DataConfig,
+                                   tokenizer) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`tokenize_responses` and, from the same tokenization, the per-token values in ``column``
+    (e.g. ``osft score``'s behavior logprobs: one per response token, EOS included), cut alike. A row
+    whose list does not fit its response under this tokenizer is refused, naming the row and column:
+    it may lack only the tokens that ``max_response_tokens`` cuts off."""
+    responses, out = [], []
     for row in rows:
         values = row[column]
         if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
             raise DataError(f"{where(row)}: column {column!r} must be a list of numbers, got {values!r:.100}")
-        total = len(_response_ids(row, config, tokenizer))
-        used = min(total, config.max_response_tokens)
+        ids = _response_ids(row, config, tokenizer)
+        total, used = len(ids), min(len(ids), config.max_response_tokens)
         if not used <= len(values) <= total:
             expected = total if used == total else f"{used} to {total}"
             raise DataError(f"{where(row)}: {column} has {len(values)} values for a response of {total} tokens "
                             f"(EOS included) with this tokenizer, expected {expected}: score the data with this "
                             f"model's tokenizer (osft score)")
+        responses.append(ids[:used])
         out.append(values[:used])
-    return out
+    return responses, out

@@ -6,7 +6,7 @@ from torch import Tensor
 from osft_kernels.losses import pear_loss
 
 from ..config import Config
-from ..data import Sequences, pack, response_values, tokenize_prompts, tokenize_responses
+from ..data import Sequences, pack, tokenize_prompts, tokenize_responses_with_values
 from ..model import CausalLM
 
 
@@ -19,9 +19,9 @@ class PEARRecipe:
 
     def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
         data, tokenizer = self.config.data, self.lm.tokenizer
-        behavior = response_values(rows, data.behavior_logprobs_column, data, tokenizer)
-        batch = pack(tokenize_prompts(rows, data, tokenizer), tokenize_responses(rows, data, tokenizer),
-                     tokenizer.pad_token_id, {"behavior_logprobs": behavior})
+        responses, behavior = tokenize_responses_with_values(rows, data.behavior_logprobs_column, data, tokenizer)
+        batch = pack(tokenize_prompts(rows, data, tokenizer), responses, tokenizer.pad_token_id,
+                     {"behavior_logprobs": behavior})
         return batch, {}
 
     def num_items(self, batch: Sequences) -> float:
