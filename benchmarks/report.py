@@ -2,11 +2,12 @@
 
     python -m benchmarks.report RESULTS.json [--out benchmarks/results] [--name cpu]
 
-Writes ``NAME.json`` (a copy of the results, for ``--benchmark-compare``), ``NAME.md`` (one table
-per operation and shape: time, ratio to naive, peak memory above the inputs and its ratio, the
-gradients' share of it, effective TFLOP/s and the share of the device's dense peak when known,
-then the targets) and ``NAME.png`` (time and peak memory against the vocabulary size, one line
-per implementation).
+Writes ``NAME.json`` (a copy of the results, for ``--benchmark-compare``), ``NAME.md`` (the device
+with its vector units and, on CPU, the GEMM operand dtype of our cpu backend per input dtype; the
+targets table of our default backend against naive; then one table per operation, shape and dtype:
+time, ratio to naive, peak memory above the inputs and its ratio, the gradients' share of it,
+effective TFLOP/s and the share of the device's dense peak when known) and ``NAME.png`` (time and
+peak memory as ratios to naive against the vocabulary size, one line per implementation).
 """
 import argparse
 import json
@@ -18,18 +19,30 @@ MIB = 2**20
 # dense tensor-core peaks (TFLOP/s) by device-name fragment and dtype; CPUs have none listed
 DEVICE_PEAK_TFLOPS = {("H100", "torch.bfloat16"): 989.0, ("H200", "torch.bfloat16"): 989.0,
                       ("A100", "torch.bfloat16"): 312.0}
-TARGET_SHAPE = (8192, 1024, 32000)
+# our default backend (what backend="auto" picks) per device type: the first of these the run has
+DEFAULT_IMPLEMENTATION = {"cpu": ("ours_cpu", "ours_torch"), "cuda": ("ours_triton",)}
+# targets of the default backend, as ratios to naive: time per (op, dtype), and peak memory (gradients included)
+TIME_TARGETS = {("ce", "torch.bfloat16"): 0.7, ("logprobs_entropy", "torch.bfloat16"): 1.0,
+                ("ce", "torch.float32"): 0.7, ("logprobs_entropy", "torch.float32"): 0.9}
+MEMORY_TARGET = 0.3
+CEILINGS = {"gemm_ceiling"}  # benchmarks.implementations.CEILINGS (not imported: this module needs no torch)
 
 
 def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
     """``(run info, {(op, n, d, v, dtype): {implementation: row}})``."""
     data = json.loads(path.read_text())
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    info = {"datetime": data.get("datetime", ""), "commit": (data.get("commit_info") or {}).get("id", "")[:10]}
+    info = {"datetime": data.get("datetime", ""), "commit": (data.get("commit_info") or {}).get("id", "")[:10],
+            "dtypes": [], "cpu_backend": None, "padding": None}
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
-        info.update(device=extra["device"], device_name=extra["device_name"], versions=extra["versions"],
-                    dtype=extra["dtype"])
+        info.update(device=extra["device"], device_name=extra["device_name"], versions=extra["versions"])
+        info["cpu_backend"] = extra.get("cpu_backend") or info["cpu_backend"]
+        if extra["dtype"] not in info["dtypes"]:
+            info["dtypes"].append(extra["dtype"])
+        if "ignored_tokens" in extra:  # the largest share of ignored targets
+            share = max(extra["ignored_tokens"] / extra["n"], (info["padding"] or {}).get("share", 0.0))
+            info["padding"] = {"index": extra["ignore_index"], "every": extra.get("ignore_every"), "share": share}
         key = (extra["op"], extra["n"], extra["d"], extra["v"], extra["dtype"])
         groups[key][extra["implementation"]] = {
             "time": bench["stats"]["median"], "rounds": bench["stats"]["rounds"], "flops": extra["flops"],
@@ -38,9 +51,13 @@ def load(path: Path) -> tuple[dict, dict[tuple, dict[str, dict]]]:
     return info, groups
 
 
-def _peak_tflops(info) -> float | None:
-    return next((peak for (name, dtype), peak in DEVICE_PEAK_TFLOPS.items()
-                 if name in info["device_name"] and dtype == info["dtype"]), None)
+def _peak_tflops(info, dtype: str) -> float | None:
+    return next((peak for (name, peak_dtype), peak in DEVICE_PEAK_TFLOPS.items()
+                 if name in info["device_name"] and peak_dtype == dtype), None)
+
+
+def _dtype(dtype: str) -> str:
+    return dtype.removeprefix("torch.")
 
 
 def table(rows: dict[str, dict], peak_tflops: float | None) -> list[str]:
@@ -66,37 +83,100 @@ def table(rows: dict[str, dict], peak_tflops: float | None) -> list[str]:
     return lines
 
 
-def targets(groups) -> list[str]:
-    """The CPU targets at N=8192, D=1024, V=32000, float32, cross-entropy fwd+bwd."""
-    rows = groups.get(("ce", *TARGET_SHAPE, "torch.float32"))
-    if not rows or "ours_torch" not in rows or "naive" not in rows:
+def default_implementation(device: str, rows: dict[str, dict]) -> str | None:
+    """Our default backend's row name in a group: ``ours_cpu`` on CPU (``ours_torch`` where the run had no
+    cpu extension), ``ours_triton`` on GPU; None when none of them ran."""
+    return next((name for name in DEFAULT_IMPLEMENTATION.get(device, ()) if name in rows), None)
+
+
+def fastest(rows: dict[str, dict]) -> str | None:
+    """The fastest implementation of a group that computes the loss (ceilings and mismatches left out)."""
+    timed = {name: row["time"] for name, row in rows.items() if name not in CEILINGS and not row["mismatch"]}
+    return min(timed, key=timed.get) if timed else None
+
+
+def target_rows(device: str, groups) -> list[dict]:
+    """For each group with naive and our default backend: the time and peak-memory ratios to naive, their
+    targets (None where the op has no time target) and whether they are met, and the group's fastest."""
+    results = []
+    for (op, n, d, v, dtype), rows in sorted(groups.items(), key=lambda item: (item[0][4], item[0][1:4], item[0][0])):
+        ours, naive = default_implementation(device, rows), rows.get("naive")
+        if ours is None or naive is None or naive["mismatch"]:
+            continue
+        row = rows[ours]
+        result = {"op": op, "n": n, "d": d, "v": v, "dtype": dtype, "implementation": ours,
+                  "mismatch": row["mismatch"], "time_target": TIME_TARGETS.get((op, dtype)),
+                  "memory_target": MEMORY_TARGET, "fastest": fastest(rows)}
+        if not row["mismatch"]:
+            result.update(time=row["time"] / naive["time"], memory=row["peak"] / naive["peak"],
+                          working=(row["peak"] - row["gradients"]) / max(naive["peak"] - naive["gradients"], 1))
+            result.update(time_met=None if result["time_target"] is None else result["time"] <= result["time_target"],
+                          memory_met=result["memory"] <= MEMORY_TARGET,
+                          fastest_ratio=rows[result["fastest"]]["time"] / naive["time"])
+        results.append(result)
+    return results
+
+
+def targets(info, groups) -> list[str]:
+    """The targets section: one row per (op, shape, dtype), our default backend against naive."""
+    results = target_rows(info["device"], groups)
+    if not results:
         return []
-    ours, naive, native = rows["ours_torch"], rows["naive"], rows.get("torch_native")
-    peak_ratio = ours["peak"] / naive["peak"]
-    working_ratio = (ours["peak"] - ours["gradients"]) / (naive["peak"] - naive["gradients"])
-    verdict = (lambda ok: "met" if ok else "**missed**")
-    lines = ["## Targets (cross-entropy fwd+bwd, N=8192, D=1024, V=32000, float32)", "",
-             f"- peak memory above the inputs <= 1/20 of naive: {peak_ratio:.3f} ({1 / peak_ratio:.1f}x less), "
-             f"{verdict(peak_ratio <= 0.05)}. The returned float32 gradients alone are "
-             f"{ours['gradients'] / MIB:.0f} MiB = {ours['gradients'] / naive['peak']:.3f} of naive's peak"
-             + (", so no implementation that returns them can meet this target with them counted"
-                if ours["gradients"] > 0.05 * naive["peak"] else "")
-             + f". Working memory (peak minus the gradients): ours {(ours['peak'] - ours['gradients']) / MIB:.0f} "
-             f"MiB = {working_ratio:.3f} of naive's, {verdict(working_ratio <= 0.05)}.",
-             f"- time <= 1.0x naive: {ours['time'] / naive['time']:.2f}x, {verdict(ours['time'] <= naive['time'])}."]
-    if native:
-        lines.append(f"- not slower than PyTorch's `linear_cross_entropy`: {ours['time'] / native['time']:.2f}x its "
-                     f"time, {verdict(ours['time'] <= native['time'])}.")
-    return lines + [""]
+    verdict = (lambda ok: "-" if ok is None else "met" if ok else "**missed**")
+    names = sorted({r["implementation"] for r in results})
+    lines = ["## Targets", "",
+             f"Our default backend ({', '.join(f'`{name}`' for name in names)}, what `backend='auto'` picks here) "
+             "against naive, per operation, shape and input dtype: time <= "
+             + ", ".join(f"{t}x for {op} {_dtype(dtype)}" for (op, dtype), t in TIME_TARGETS.items())
+             + f"; peak memory above the inputs, the returned gradients included, <= {MEMORY_TARGET}x naive's "
+             "(`working`: without the gradients, for reference); and the fastest implementation of its group, "
+             f"{', '.join(f'`{name}`' for name in sorted(CEILINGS))} aside.", "",
+             "| op | N | D | V | dtype | time vs naive | target | | peak vs naive | target | | working vs naive "
+             "| fastest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    checks = []
+    for r in results:
+        shape = f"| {r['op']} | {r['n']} | {r['d']} | {r['v']} | {_dtype(r['dtype'])} "
+        if r["mismatch"]:
+            lines.append(shape + f"| {r['implementation']} mismatch: {r['mismatch']} | | **missed** | | | **missed** "
+                         "| | no |")
+            checks += [False, False]
+            continue
+        time_target = "-" if r["time_target"] is None else f"<= {r['time_target']}x"
+        is_fastest = r["fastest"] == r["implementation"]
+        fastest_cell = "yes" if is_fastest else f"**no**: {r['fastest']} ({r['fastest_ratio']:.2f}x naive)"
+        lines.append(shape + f"| {r['time']:.2f}x | {time_target} | {verdict(r['time_met'])} "
+                     f"| {r['memory']:.2f}x | <= {r['memory_target']}x | {verdict(r['memory_met'])} "
+                     f"| {r['working']:.2f}x | {fastest_cell} |")
+        checks += [ok for ok in (r["time_met"], r["memory_met"], is_fastest) if ok is not None]
+    lines += ["", f"{sum(checks)} of {len(checks)} checks met (time, memory and fastest, where the op has them).", ""]
+    return lines
+
+
+def compute_lines(info, groups) -> list[str]:
+    """On CPU: the GEMM operand dtype our cpu backend used for each input dtype of the run."""
+    if info["device"] != "cpu":
+        return []
+    backend = info["cpu_backend"]
+    if backend is None:
+        reasons = {row["unavailable"].get("ours_cpu") for rows in groups.values() for row in rows.values()}
+        reason = next((r for r in reasons if r), "not recorded in these results")
+        return [f"- our cpu backend (`ours_cpu`): not run ({reason})"]
+    compute = "; ".join(f"{_dtype(dtype)} inputs: {backend['compute'].get(dtype, 'not recorded')}"
+                        for dtype in info["dtypes"])
+    return [f"- our cpu backend (`ours_cpu`, what `backend='auto'` picks for CPU tensors; extension variant "
+            f"{backend['variant']}), GEMM operands per input dtype (float32 accumulation): {compute}"]
 
 
 def write_markdown(info, groups, path: Path, plot_name: str | None) -> None:
     some = next(iter(next(iter(groups.values())).values()))
+    rounds = "one timed round" if some["rounds"] == 1 else f"median of {some['rounds']} timed rounds"
     lines = [f"# Kernel benchmarks: {info['device_name']}", "",
-             f"- device: {info['device_name']}; dtype {info['dtype'].removeprefix('torch.')}; "
+             f"- device: {info['device_name']}; input dtypes {', '.join(_dtype(d) for d in info['dtypes'])}; "
              f"commit {info['commit']}; {info['datetime'][:19]}",
+             *compute_lines(info, groups),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-             f"- time: median of {some['rounds']} rounds after a warm-up call (the one whose memory is "
+             f"- time: {rounds} after a warm-up call (the one whose memory is "
              "measured); one call is a whole forward "
              "(+ backward) over all tokens. TFLOP/s counts 6·N·D·V (2·N·D·V forward-only).",
              "- memory: peak allocated above the inputs during one call, the returned gradients included "
@@ -107,13 +187,20 @@ def write_markdown(info, groups, path: Path, plot_name: str | None) -> None:
              "tokens before it was timed, except `gemm_ceiling`: the same shape's GEMMs alone in the input dtype "
              "(the logits product, and the two gradient products when trained), computing no loss; `vs GEMMs` "
              "is the time over it."]
+    if info["padding"]:
+        padding = info["padding"]
+        which = f"every {padding['every']}th target" if padding["every"] else "some targets"
+        lines.append(f"- padding: {which} is `ignore_index` ({padding['index']}), up to {padding['share']:.1%} of the "
+                     "tokens, as in real batches: cross-entropy is the mean over the other tokens, and the logprobs "
+                     "and entropy are 0 there (implementations without an `ignore_index` of their own have their "
+                     "outputs masked).")
     if info["device"] == "cpu":
         lines.append("- **CPU run**: tokens and hidden size are scaled down from GPU shapes so the whole run "
-                     "takes minutes on 2 cores; GPU-only implementations are listed below, not timed.")
-    lines += ["", *targets(groups), *([f"![time and memory vs vocabulary size]({plot_name})", ""] if plot_name else [])]
-    peak_tflops = _peak_tflops(info)
-    for (op, n, d, v, dtype), rows in sorted(groups.items(), key=lambda item: (item[0][1:4], item[0][0])):
-        lines += [f"## {op}: N={n}, D={d}, V={v}, {dtype.removeprefix('torch.')}", "", *table(rows, peak_tflops)]
+                     "takes about half an hour on 2 cores; GPU-only implementations are listed below, not timed.")
+    lines += ["", *targets(info, groups),
+              *([f"![time and memory vs vocabulary size]({plot_name})", ""] if plot_name else [])]
+    for (op, n, d, v, dtype), rows in sorted(groups.items(), key=lambda item: (item[0][1:4], item[0][0], item[0][4])):
+        lines += [f"## {op}: N={n}, D={d}, V={v}, {_dtype(dtype)}", "", *table(rows, _peak_tflops(info, dtype))]
         unavailable = next(iter(rows.values()))["unavailable"]
         if unavailable:
             lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in sorted(unavailable.items())) + "."]
@@ -122,34 +209,48 @@ def write_markdown(info, groups, path: Path, plot_name: str | None) -> None:
 
 
 def write_plot(groups, path: Path) -> bool:
-    """Time and memory against V for every (op, N, D) measured at several V; False when there is none."""
+    """Time and peak memory as ratios to naive against V, for every (op, D, dtype) measured at several V
+    (the token count may differ between them: the ratios compare at equal shape), with the targets of
+    :data:`TIME_TARGETS` and :data:`MEMORY_TARGET` dashed; False when there is no such sweep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = defaultdict(lambda: defaultdict(list))  # (op, n, d, dtype) -> implementation -> [(v, time, peak)]
+    sweeps = defaultdict(lambda: defaultdict(list))  # (op, d, dtype) -> implementation -> [(v, n, time, peak)]
     for (op, n, d, v, dtype), rows in groups.items():
+        naive = rows.get("naive")
+        if naive is None or naive["mismatch"]:
+            continue
         for name, row in rows.items():
             if not row["mismatch"]:
-                sweeps[(op, n, d, dtype)][name].append((v, row["time"], row["peak"] / MIB))
-    sweeps = {key: lines for key, lines in sweeps.items() if len({v for pts in lines.values() for v, _, _ in pts}) > 1}
+                sweeps[(op, d, dtype)][name].append((v, n, row["time"] / naive["time"], row["peak"] / naive["peak"]))
+    sweeps = {key: lines for key, lines in sweeps.items() if len({p[0] for pts in lines.values() for p in pts}) > 1}
     if not sweeps:
         return False
+    names = sorted({name for lines in sweeps.values() for name in lines})
+    colors = {name: f"C{index % 10}" for index, name in enumerate(names)}  # one colour per implementation throughout
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 3.6 * len(sweeps)), squeeze=False)
-    for row_axes, ((op, n, d, dtype), lines) in zip(axes, sorted(sweeps.items())):
+    for row_axes, ((op, d, dtype), lines) in zip(axes, sorted(sweeps.items())):
+        shapes = sorted({(p[0], p[1]) for points in lines.values() for p in points})
         for name, points in sorted(lines.items()):
             points.sort()
             vocab = [p[0] for p in points]
-            row_axes[0].plot(vocab, [p[1] for p in points], marker="o", label=name)
-            row_axes[1].plot(vocab, [p[2] for p in points], marker="o", label=name)
-        for ax, ylabel in zip(row_axes, ("time (s)", "peak memory above inputs (MiB)")):
+            row_axes[0].plot(vocab, [p[2] for p in points], marker="o", label=name, color=colors[name])
+            row_axes[1].plot(vocab, [p[3] for p in points], marker="o", label=name, color=colors[name])
+        for ax, target in zip(row_axes, (TIME_TARGETS.get((op, dtype)), MEMORY_TARGET)):
+            if target is not None:
+                ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}x")
+        for ax, ylabel in zip(row_axes, ("time / naive's", "peak memory above inputs / naive's")):
+            ax.set_xscale("log")
             ax.set_xlabel("vocabulary size V")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{op}, N={n}, D={d}, {dtype.removeprefix('torch.')}")
+            ax.set_title(f"{op}, D={d}, {_dtype(dtype)}; N " + ", ".join(f"{n} at V={v}" for v, n in shapes),
+                         fontsize=9)
             ax.grid(alpha=0.3)
         row_axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 

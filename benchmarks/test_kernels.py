@@ -12,10 +12,14 @@ One pytest-benchmark group per (operation, shape, dtype), one benchmark per impl
    ``TorchDispatchMode`` tracker would make ``torch.compile`` fall back to eager);
 3. timed rounds (wall clock; on GPU each call ends with ``torch.cuda.synchronize()``).
 
-Shapes on CPU are scaled down (tokens, hidden size) so that a full run takes minutes; the report
-says so. ``BENCH_SMOKE=1`` runs tiny shapes, ``BENCH_ROUNDS`` sets the timed rounds (default 2).
+Every 7th target is ``ignore_index`` (-100), as padding in real batches: cross-entropy is the mean
+over the other tokens and the per-token outputs are 0 there (see ``benchmarks.implementations``).
+On GPU the inputs are bfloat16; on CPU every case runs in float32 and in bfloat16, with shapes scaled
+down (tokens, hidden size) so that a full run takes about half an hour on 2 cores; the report says so.
+``BENCH_SMOKE=1`` runs tiny shapes, ``BENCH_ROUNDS`` sets the timed rounds (default 2 on GPU, 1 on CPU).
 The report splits the peak memory into the returned gradients and the working memory on top.
 """
+import functools
 import importlib.metadata
 import os
 import warnings
@@ -24,30 +28,36 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.implementations import CEILINGS, FLOPS_PER_NDV, IMPLEMENTATIONS, OPS, unavailable
+from benchmarks.implementations import CEILINGS, FLOPS_PER_NDV, IGNORE_INDEX, IMPLEMENTATIONS, OPS, unavailable
+from osft_kernels.backends import cpu
 from osft_kernels.device_info import describe
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+DTYPES = (torch.bfloat16,) if DEVICE.type == "cuda" else (torch.float32, torch.bfloat16)
 GUARD_TOKENS = 256
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest value, against float64
+IGNORE_EVERY = 7  # targets[::IGNORE_EVERY] = IGNORE_INDEX
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2" if DEVICE.type == "cuda" else "1"))
 
-SWEEP_OPS = ("ce",) if DEVICE.type == "cpu" else ("ce", "logprobs_entropy")
+SWEEP_OPS = ("ce", "logprobs_entropy")
+MAIN_OPS = (*SWEEP_OPS, "logprobs_forward")  # on CPU; logprobs with gradients costs about what logprobs_entropy does
 if os.environ.get("BENCH_SMOKE") == "1":
     # a seconds-long run of the whole harness, for checking it works
-    MAIN, SWEEP = [(256, 64, 1000)], [(256, 64, 1000), (256, 64, 3001)]
+    MAIN_OPS, MAIN, SWEEP = OPS, [(256, 64, 1000)], [(256, 64, 1000), (256, 64, 3001)]
 elif DEVICE.type == "cuda":
     # real heads: Llama-3 8B (Liger's anchor shape), Qwen3.5 (Cut Cross-Entropy's via TRL), Gemma-2 2B,
     # Qwen2.5-7B, SmolLM2; and a vocabulary sweep
     MAIN = [(16384, 4096, 128256), (16384, 2048, 248320), (8192, 2304, 256000), (8192, 3584, 152064),
             (16384, 576, 49152)]
+    MAIN_OPS = OPS
     SWEEP = [(8192, 2048, v) for v in (32000, 65536, 128256, 262144)]
 else:
-    # scaled down for a 2-core CPU: the target shape, and a vocabulary sweep at fewer tokens
-    MAIN = [(8192, 1024, 32000)]
-    SWEEP = [(2048, 512, v) for v in (32000, 65536, 152064)]
-CASES = [(op, shape) for shape in MAIN for op in OPS] + [(op, shape) for shape in SWEEP if shape not in MAIN
-                                                          for op in SWEEP_OPS]
+    # scaled down for 2 cores (about 30 minutes in all, float32 and bfloat16, with BENCH_ROUNDS=1): a
+    # Llama-2-sized vocabulary, and larger ones at fewer tokens (each 2x the FLOPs and logits of the first)
+    MAIN = [(4096, 1024, 32000)]
+    SWEEP = [(2048, 1024, 131072), (1024, 1024, 262144)]
+CASES = [(op, shape) for shape in MAIN for op in MAIN_OPS] + [(op, shape) for shape in SWEEP if shape not in MAIN
+                                                               for op in SWEEP_OPS]
 
 
 def environment() -> dict:
@@ -59,16 +69,33 @@ def environment() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    return {"device_name": device, "versions": versions}
+    return {"device_name": device, "versions": versions, "cpu_backend": cpu_backend()}
 
 
-def make_inputs(n, d, v, seed=0):
+def cpu_backend() -> dict | None:
+    """What the cpu backend (``ours_cpu``) runs on this machine: its extension variant and the GEMM
+    operand dtype for each input dtype; None on GPU or without the extension."""
+    if DEVICE.type != "cpu" or not cpu.available():
+        return None
+    bfloat16 = "bfloat16 products (oneDNN brgemm)" if cpu.bfloat16_products() else "float32 products"
+    return {"variant": cpu.extension()[0], "compute": {"torch.float32": "float32 products", "torch.bfloat16": bfloat16}}
+
+
+@functools.lru_cache(maxsize=1)
+def _float32_inputs(n, d, v, seed):
+    """The inputs in float32 on the host, kept for the next test (the implementations of a case run in turn)."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=gen).to(DEVICE, DTYPE)
-    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(DEVICE, DTYPE)
-    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
-    upstream = (torch.randn(n, generator=gen).to(DEVICE), torch.randn(n, generator=gen).to(DEVICE))
+    hidden = torch.randn(n, d, generator=gen)
+    weight = torch.randn(v, d, generator=gen) / d ** 0.5
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::IGNORE_EVERY] = IGNORE_INDEX
+    upstream = (torch.randn(n, generator=gen), torch.randn(n, generator=gen))
     return hidden, weight, targets, upstream
+
+
+def make_inputs(n, d, v, dtype, seed=0):
+    hidden, weight, targets, upstream = _float32_inputs(n, d, v, seed)
+    return hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), targets.to(DEVICE), tuple(u.to(DEVICE) for u in upstream)
 
 
 def call(name, op, hidden, weight, targets, upstream):
@@ -79,14 +106,29 @@ def call(name, op, hidden, weight, targets, upstream):
     return out
 
 
+_reference: dict[tuple, tuple] = {}
+
+
+def reference(op, small) -> tuple:
+    """The float64 evaluation of ``small`` (naive on the inputs' values in float64), computed once per
+    case: the last one is kept for the case's next implementation."""
+    hidden, weight, targets, upstream = small
+    key = (op, *hidden.shape, *weight.shape, hidden.dtype)
+    if key not in _reference:
+        _reference.clear()
+        _reference[key] = call("naive", op, hidden.double(), weight.double(), targets,
+                               tuple(u.double() for u in upstream))
+    return _reference[key]
+
+
 def guard(name, op, inputs) -> str | None:
     """Compare with float64 on the first GUARD_TOKENS tokens; the mismatch message, or None."""
     hidden, weight, targets, upstream = inputs
     rows = slice(0, min(GUARD_TOKENS, hidden.shape[0]))
     small = (hidden[rows], weight, targets[rows], tuple(u[rows] for u in upstream))
     ours = call(name, op, *small)
-    expected = call("naive", op, small[0].double(), small[1].double(), small[2], tuple(u.double() for u in small[3]))
-    tolerance = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+    expected = reference(op, small)
+    tolerance = TOLERANCE[hidden.dtype]
     for index, (a, e) in enumerate(zip(ours, expected)):
         error = (a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
         if not error <= tolerance:
@@ -112,25 +154,29 @@ def peak_memory(name, op, inputs) -> int:
     return peak
 
 
+# the implementations vary fastest, then the dtype: the inputs and the float64 reference are made once per case
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(dtype).removeprefix("torch.") for dtype in DTYPES])
 @pytest.mark.parametrize("op,shape", CASES, ids=[f"{op}-N{n}-D{d}-V{v}" for op, (n, d, v) in CASES])
-def test_kernel(benchmark, op, shape, name):
+def test_kernel(benchmark, op, shape, dtype, name):
     n, d, v = shape
     reason = unavailable(name, op, DEVICE)
     if reason:
         pytest.skip(f"{name}: {reason}")
-    benchmark.group = f"{op} N={n} D={d} V={v} {str(DTYPE).removeprefix('torch.')}"
-    benchmark.extra_info.update(environment(), op=op, n=n, d=d, v=v, dtype=str(DTYPE), device=DEVICE.type,
+    benchmark.group = f"{op} N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}"
+    inputs = make_inputs(n, d, v, dtype)
+    benchmark.extra_info.update(environment(), op=op, n=n, d=d, v=v, dtype=str(dtype), device=DEVICE.type,
                                 implementation=name,
                                 flops=FLOPS_PER_NDV[op] * n * d * v,
+                                ignore_index=IGNORE_INDEX, ignore_every=IGNORE_EVERY,
+                                ignored_tokens=int((inputs[2] == IGNORE_INDEX).sum()),
                                 unavailable={other: why for other in IMPLEMENTATIONS
                                              if (why := unavailable(other, op, DEVICE))})
-    inputs = make_inputs(n, d, v)
     mismatch = None if name in CEILINGS else guard(name, op, inputs)
     if mismatch:
         benchmark.extra_info["mismatch"] = mismatch
         benchmark.pedantic(lambda: None, rounds=1)  # recorded for the report, not timed
-        warnings.warn(f"{name} {op} N={n} D={d} V={v}: {mismatch}; not timed", stacklevel=1)
+        warnings.warn(f"{name} {op} N={n} D={d} V={v} {dtype}: {mismatch}; not timed", stacklevel=1)
         return
     peak = peak_memory(name, op, inputs)  # also the warm-up call
     gradient_bytes = 0 if op == "logprobs_forward" else (n + v) * d * inputs[0].element_size()

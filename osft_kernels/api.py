@@ -61,10 +61,11 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
             Granite's ``1 / logits_scaling``); folded into softcap and temperature.
         return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
         shift: position t predicts target t+1 along the last dim; the last position is dropped.
-        backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, else
-            ``"torch"``), ``"triton"`` (cuBLAS GEMMs with Triton epilogues; a fused Triton kernel
-            when no gradient is wanted), ``"torch"`` (the same chunked driver with PyTorch
-            epilogues) or ``"reference"`` (materializes logits).
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, ``"cpu"``
+            for CPU tensors when its C++ extension is built, else ``"torch"``), ``"triton"``
+            (cuBLAS GEMMs with Triton epilogues; a fused Triton kernel when no gradient is
+            wanted), ``"cpu"`` (BLAS tiles with a C++ SIMD epilogue in cache), ``"torch"`` (the
+            same chunked driver with PyTorch epilogues) or ``"reference"`` (materializes logits).
         memory_budget: bytes of logits chunk buffers of the chunked backends (default 128 MiB on
             CPU, 1 GiB on CUDA); larger chunks mean fewer, larger GEMMs.
 

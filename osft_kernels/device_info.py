@@ -4,9 +4,22 @@ import platform
 import torch
 
 
+def cpu_features() -> list[str]:
+    """The vector units the CPU kernels depend on, as torch detected them: the ISA ATen dispatches to
+    (``"AVX2"``, ``"AVX512"``, ...), then ``"AVX512-BF16"`` and ``"AMX"`` where present (the bfloat16
+    dot-product instructions that bfloat16 GEMM operands need to be fast)."""
+    features = [torch.backends.cpu.get_cpu_capability()]
+    for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
+        supported = getattr(torch.cpu, probe, None)
+        if supported is not None and supported():
+            features.append(name)
+    return features
+
+
 def describe(device: torch.device) -> str:
-    """``"NVIDIA H200 (sm_90, 132 SMs)"`` or ``"CPU AMD EPYC, 2 threads, AVX2"``: the model, and what the
-    kernels depend on (compute capability; thread count and the vector ISA torch detected)."""
+    """``"NVIDIA H200 (sm_90, 132 SMs)"`` or ``"CPU AMD EPYC, 2 threads, AVX512, AVX512-BF16"``: the model,
+    and what the kernels depend on (compute capability; thread count and the vector units of
+    :func:`cpu_features`)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
@@ -16,4 +29,4 @@ def describe(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    return f"CPU {model}, {torch.get_num_threads()} threads, {', '.join(cpu_features())}"

@@ -1,11 +1,13 @@
 """The chunked driver: row statistics and their gradients through vendor GEMMs and a pluggable epilogue.
 
 Every backend but ``reference`` runs this loop. It cuts the ``[n, V]`` logits into fixed-shape chunks
-(:func:`plan_chunks`), computes each chunk with one GEMM into a float32 buffer (:class:`Gemms`:
-cuBLAS on CUDA, the CPU BLAS on CPU), and hands the buffer to an :class:`Epilogue`, which reduces it
-to per-block softmax statistics or overwrites it with the logit gradient. The gradient chunk then
-feeds the two gradient GEMMs, ``d_hidden += dz @ W[chunk]`` and ``d_weight[chunk] += dz^T @ H``,
-accumulated in float32 in a fixed order: no atomics, so gradients are deterministic.
+(:func:`plan_chunks`) and hands each chunk and vocabulary range to the backend's :class:`ChunkKernels`.
+For ``torch`` and ``triton`` that is :class:`GemmEpilogue`: one GEMM into a float32 buffer
+(:class:`Gemms`: cuBLAS on CUDA, the CPU BLAS on CPU), then an :class:`Epilogue` that reduces it to
+per-block softmax statistics or overwrites it with the logit gradient, which feeds the two gradient
+GEMMs ``d_hidden += dz @ W[chunk]`` and ``d_weight[chunk] += dz^T @ H``. The ``cpu`` backend runs the
+same GEMMs and epilogue in C++ tiles that stay in cache. Gradients are accumulated in float32 in a
+fixed order: no atomics, so they are deterministic.
 
 Two gradient strategies:
 
@@ -114,15 +116,16 @@ class Gemms:
 
     Half-precision inputs on CUDA stay half precision as GEMM operands (tensor cores) with float32
     output and accumulation; the logit gradient is written in the input dtype too. Elsewhere the
-    operands are the compute dtype (float32, float64 for float64 inputs), because CPU BLAS has no
-    half x half -> float32 product. float32 inputs on CUDA follow ``torch.backends.cuda.matmul``
-    (``torch.set_float32_matmul_precision``): exact float32 by default, TF32 when allowed.
+    operands are the compute dtype (float32, float64 for float64 inputs), because the CPU BLAS has no
+    half x half -> float32 product, unless ``half_on_cpu``: the cpu backend's own bfloat16 products.
+    float32 inputs on CUDA follow ``torch.backends.cuda.matmul`` (``torch.set_float32_matmul_precision``):
+    exact float32 by default, TF32 when allowed.
     float16 gradients are scaled by a power of two per chunk so that small entries do not underflow.
     """
 
-    def __init__(self, input_dtype: torch.dtype, device: torch.device):
+    def __init__(self, input_dtype: torch.dtype, device: torch.device, *, half_on_cpu: bool = False):
         half = input_dtype in (torch.bfloat16, torch.float16)
-        self.mixed = half and device.type == "cuda"
+        self.mixed = half and (device.type == "cuda" or half_on_cpu)
         self.operand_dtype = input_dtype if self.mixed else compute_dtype(input_dtype)
         self.grad_dtype = self.operand_dtype
         self.scaled = self.grad_dtype == torch.float16
@@ -170,9 +173,10 @@ def _float32_accumulator_addmm(dtype: torch.dtype) -> bool:
 
 
 class OutputLayer:
-    """``weight [V, D]`` in the GEMM operand dtype, ``bias [V]`` in the compute dtype, softcap."""
+    """``weight [V, D]`` in the GEMM operand dtype of ``gemms``, ``bias [V]`` in the compute dtype, softcap."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, softcap: float | None, gemms: Gemms):
+        self.gemms = gemms
         self.weight = weight.detach().to(gemms.operand_dtype)
         self.bias = None if bias is None else bias.detach().to(compute_dtype(weight.dtype))
         self.softcap = softcap
@@ -238,6 +242,78 @@ class Epilogue(Protocol):
         times ``1 - tanh^2`` under softcap."""
 
 
+class ChunkKernels(Protocol):
+    """What a backend supplies to the driver: for a padded token chunk and the vocabulary columns
+    ``v0:v1`` (``v0`` a multiple of ``VOCAB_BLOCK``), its block statistics and its gradients.
+    :class:`GemmEpilogue` builds it from the vendor GEMMs and an :class:`Epilogue`; the ``cpu``
+    backend fuses both in C++ tiles."""
+
+    def gemms(self, weight: Tensor) -> Gemms:
+        """The GEMM dtype policy for ``weight`` (and hidden states of its dtype)."""
+
+    def work_bytes(self, *, entropy: bool) -> int:
+        """Bytes of work memory per chunk entry, the chunk buffer included."""
+
+    def row_align(self, device: torch.device) -> int:
+        """The multiple of rows that token chunks are padded to."""
+
+    def block_stats(self, chunk: Chunk, layer: OutputLayer, v0: int, v1: int, buffer: Tensor, partials: Tensor,
+                    target_logit: Tensor, *, keep_logits: bool, entropy: bool, mean: bool,
+                    square: bool) -> Tensor | None:
+        """Write ``partials [r, blocks, NUM_PARTIALS]`` of the columns' blocks and, for rows whose target
+        lies there, ``target_logit [r]``; with ``keep_logits`` return the logits ``[r, v1 - v0]`` as
+        :meth:`add_grads` reads them, in ``buffer`` (at least ``r * (v1 - v0)`` entries)."""
+
+    def add_grads(self, grads: "GradAccumulator", chunk: Chunk, layer: OutputLayer, v0: int, v1: int,
+                  buffer: Tensor, logits: Tensor | None, stats: Tensor, coef: Tensor, r0: int, *, entropy: bool,
+                  mean: bool) -> None:
+        """Accumulate the gradients of the chunk's first ``k = stats.shape[0]`` rows (rows ``r0:r0+k`` of
+        the batch) for ``coef [k, NUM_STATS]`` (see :meth:`Epilogue.logit_grad`), from ``logits`` kept
+        by :meth:`block_stats` (overwritten) or recomputed in ``buffer``."""
+
+
+class GemmEpilogue:
+    """:class:`ChunkKernels` from one vendor GEMM into the chunk buffer (the layer's :class:`Gemms`), an
+    :class:`Epilogue` on the whole buffer, and the two gradient GEMMs."""
+
+    def __init__(self, epilogue: Epilogue):
+        self.epilogue = epilogue
+
+    def gemms(self, weight: Tensor) -> Gemms:
+        return Gemms(weight.dtype, weight.device)
+
+    def work_bytes(self, *, entropy: bool) -> int:
+        return self.epilogue.work_bytes(entropy=entropy)
+
+    def row_align(self, device: torch.device) -> int:
+        return row_align(device)
+
+    def _logits(self, chunk: Chunk, layer: OutputLayer, v0: int, v1: int, buffer: Tensor) -> Tensor:
+        raw = layer.gemms.logits(buffer[:chunk.rows * (v1 - v0)].view(chunk.rows, v1 - v0), chunk.hidden,
+                                 layer.weight[v0:v1])
+        return self.epilogue.logits(raw, layer, chunk, v0)
+
+    def block_stats(self, chunk: Chunk, layer: OutputLayer, v0: int, v1: int, buffer: Tensor, partials: Tensor,
+                    target_logit: Tensor, *, keep_logits: bool, entropy: bool, mean: bool,
+                    square: bool) -> Tensor | None:
+        z = self._logits(chunk, layer, v0, v1, buffer)
+        self.epilogue.block_stats(z, layer, chunk, v0, partials, target_logit, entropy=entropy, mean=mean,
+                                  square=square)
+        return z if keep_logits else None
+
+    def add_grads(self, grads: "GradAccumulator", chunk: Chunk, layer: OutputLayer, v0: int, v1: int,
+                  buffer: Tensor, logits: Tensor | None, stats: Tensor, coef: Tensor, r0: int, *, entropy: bool,
+                  mean: bool) -> None:
+        rows = stats.shape[0]
+        z = (self._logits(chunk, layer, v0, v1, buffer) if logits is None else logits)[:rows]
+        real = chunk.head(rows)
+        gemms = layer.gemms
+        scale = gemms.grad_scale(coef)
+        dz = self.epilogue.logit_grad(z, layer, real, v0, stats, coef * scale if scale != 1 else coef,
+                                      gemms.grad_dtype, entropy=entropy, mean=mean)
+        grads.add(gemms, real.hidden, dz, v0, r0, 1.0 / scale)
+
+
 def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, entropy: bool, mean: bool,
                  square: bool) -> Tensor:
     """``[r, num_blocks, NUM_PARTIALS]`` block partials -> ``[r, NUM_STATS]`` statistics, merged in block order."""
@@ -264,17 +340,17 @@ def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, ent
 
 
 class _Driver:
-    """One call's layer, GEMM policy, epilogue, chunk plan and logits buffer."""
+    """One call's layer, GEMM policy, chunk kernels, chunk plan and chunk buffer."""
 
-    def __init__(self, epilogue: Epilogue, weight: Tensor, bias: Tensor | None, softcap: float | None,
+    def __init__(self, kernels: ChunkKernels, weight: Tensor, bias: Tensor | None, softcap: float | None,
                  num_rows: int, *, entropy: bool, memory_budget: int | None, full_rows: bool):
-        self.epilogue = epilogue
-        self.gemms = Gemms(weight.dtype, weight.device)
+        self.kernels = kernels
+        self.gemms = kernels.gemms(weight)
         self.layer = OutputLayer(weight, bias, softcap, self.gemms)
         self.dtype = compute_dtype(weight.dtype)
         budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
-        entry_bytes = epilogue.work_bytes(entropy=entropy)
-        self.align = row_align(weight.device)
+        entry_bytes = kernels.work_bytes(entropy=entropy)
+        self.align = kernels.row_align(weight.device)
         self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes, memory_budget=budget,
                                 full_rows=full_rows, align=self.align)
         if self.plan is None:  # full rows do not fit: square chunks
@@ -289,11 +365,6 @@ class _Driver:
     def chunk(self, rows: TokenRows, r0: int, r1: int) -> Chunk:
         return Chunk.of(rows, r0, r1, self.gemms.operand_dtype, self.align)
 
-    def logits(self, chunk: Chunk, v0: int, v1: int) -> Tensor:
-        raw = self.gemms.logits(self._buffer[:chunk.rows * (v1 - v0)].view(chunk.rows, v1 - v0), chunk.hidden,
-                                self.layer.weight[v0:v1])
-        return self.epilogue.logits(raw, self.layer, chunk, v0)
-
     def chunk_stats(self, chunk: Chunk, *, entropy: bool, mean: bool, square: bool = False
                     ) -> tuple[Tensor, Tensor | None]:
         """``[r, NUM_STATS]`` statistics of a (padded) token chunk, and its logits when they span the vocabulary."""
@@ -303,12 +374,11 @@ class _Driver:
         target_logit = chunk.hidden.new_zeros(chunk.rows, dtype=self.dtype)
         z = None
         for v0, v1 in self.plan.vocab_ranges(vocab_size):
-            z = self.logits(chunk, v0, v1)
             blocks = partials[:, v0 // VOCAB_BLOCK:ceil_div(v1, VOCAB_BLOCK)]
-            self.epilogue.block_stats(z, self.layer, chunk, v0, blocks,
-                                      target_logit, entropy=entropy, mean=mean, square=square)
+            z = self.kernels.block_stats(chunk, self.layer, v0, v1, self._buffer, blocks, target_logit,
+                                         keep_logits=self.full_rows, entropy=entropy, mean=mean, square=square)
         stats = merge_blocks(partials, target_logit, vocab_size, entropy=entropy, mean=mean, square=square)
-        return stats, z if self.full_rows else None
+        return stats, z
 
     def all_stats(self, rows: TokenRows, *, entropy: bool, mean: bool, square: bool = False) -> Tensor:
         """``[n, NUM_STATS]`` statistics of every row."""
@@ -319,13 +389,12 @@ class _Driver:
                                             square=square)[0][:r1 - r0]
         return stats
 
-    def add_grads(self, grads: "GradAccumulator", chunk: Chunk, z: Tensor, v0: int, stats: Tensor, coef: Tensor,
-                  r0: int, *, entropy: bool, mean: bool) -> None:
-        """Logit gradient of the real rows of ``chunk`` (``z`` holds its logits), and both gradient GEMMs."""
-        scale = self.gemms.grad_scale(coef)
-        dz = self.epilogue.logit_grad(z, self.layer, chunk, v0, stats, coef * scale if scale != 1 else coef,
-                                      self.gemms.grad_dtype, entropy=entropy, mean=mean)
-        grads.add(self.gemms, chunk.hidden, dz, v0, r0, 1.0 / scale)
+    def add_grads(self, grads: "GradAccumulator", chunk: Chunk, v0: int, v1: int, logits: Tensor | None,
+                  stats: Tensor, coef: Tensor, r0: int, *, entropy: bool, mean: bool) -> None:
+        """Gradients of the real rows of the padded ``chunk`` over columns ``v0:v1`` (see
+        :meth:`ChunkKernels.add_grads`)."""
+        self.kernels.add_grads(grads, chunk, self.layer, v0, v1, self._buffer, logits, stats, coef, r0,
+                               entropy=entropy, mean=mean)
 
     def recompute_grads(self, grads: "GradAccumulator", rows: TokenRows, stats: Tensor, coef: Tensor, *,
                         entropy: bool, mean: bool) -> None:
@@ -333,10 +402,9 @@ class _Driver:
         n = stats.shape[0]
         for r0, r1 in self.plan.row_ranges(n):
             padded = self.chunk(rows, r0, r1)
-            chunk = padded.head(r1 - r0)
             for v0, v1 in self.plan.vocab_ranges(self.layer.vocab_size):
-                z = self.logits(padded, v0, v1)[:r1 - r0]
-                self.add_grads(grads, chunk, z, v0, stats[r0:r1], coef[r0:r1], r0, entropy=entropy, mean=mean)
+                self.add_grads(grads, padded, v0, v1, None, stats[r0:r1], coef[r0:r1], r0, entropy=entropy,
+                               mean=mean)
 
 
 class GradAccumulator:
@@ -372,10 +440,10 @@ def _cast(grads, dtypes) -> tuple:
     return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
 
 
-def forward_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+def forward_stats(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   *, entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
     """``[n, NUM_STATS]`` statistics in the compute dtype, without autograd."""
-    driver = _Driver(epilogue, weight, bias, softcap, rows.hidden.shape[0], entropy=entropy,
+    driver = _Driver(kernels, weight, bias, softcap, rows.hidden.shape[0], entropy=entropy,
                      memory_budget=memory_budget, full_rows=False)
     return driver.all_stats(rows, entropy=entropy, mean=mean, square=square)
 
@@ -399,11 +467,11 @@ class RowStatsFunction(torch.autograd.Function):
     """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, NUM_STATS]``; backward recomputes."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, epilogue: Epilogue, rows: TokenRows, softcap, entropy: bool, mean: bool,
+    def forward(ctx, hidden, weight, bias, kernels: ChunkKernels, rows: TokenRows, softcap, entropy: bool, mean: bool,
                 square: bool, memory_budget):
-        stats = forward_stats(epilogue, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+        stats = forward_stats(kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                               memory_budget=memory_budget)
-        ctx.epilogue, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = epilogue, rows, softcap, entropy, mean
+        ctx.kernels, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = kernels, rows, softcap, entropy, mean
         ctx.memory_budget = memory_budget
         # targets and temperature may be the caller's tensors: saved, an in-place edit before backward raises
         temperature = rows.temperature if isinstance(rows.temperature, Tensor) else None
@@ -416,19 +484,19 @@ class RowStatsFunction(torch.autograd.Function):
         hidden, weight, bias, stats, targets, temperature = ctx.saved_tensors
         rows = replace(ctx.rows, hidden=hidden, targets=targets,
                        temperature=ctx.rows.temperature if temperature is None else temperature)
-        grads = row_stats_grads(ctx.epilogue, rows, weight, bias, ctx.softcap, stats, grad_stats, entropy=ctx.entropy,
+        grads = row_stats_grads(ctx.kernels, rows, weight, bias, ctx.softcap, stats, grad_stats, entropy=ctx.entropy,
                                 mean=ctx.mean, memory_budget=ctx.memory_budget, needs=ctx.needs_input_grad[:3])
         return (*grads, *[None] * 7)
 
 
-def row_stats_grads(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+def row_stats_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, memory_budget: int | None,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``(rows.hidden, weight, bias)`` (those ``needs`` asks for, in their dtypes) from the
     upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``, recomputing
     the logits."""
     hidden = rows.hidden
-    driver = _Driver(epilogue, weight, bias, softcap, hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
+    driver = _Driver(kernels, weight, bias, softcap, hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
                      full_rows=False)
     coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
     entropy = entropy and bool(coef[:, ENTROPY].any())
@@ -448,10 +516,10 @@ class SummedLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, epilogue: Epilogue, rows: TokenRows, softcap, token_loss: TokenLoss,
+    def forward(ctx, hidden, weight, bias, kernels: ChunkKernels, rows: TokenRows, softcap, token_loss: TokenLoss,
                 entropy: bool, mean: bool, memory_budget):
         n = hidden.shape[0]
-        driver = _Driver(epilogue, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
+        driver = _Driver(kernels, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
                          full_rows=True)
         grads = GradAccumulator(driver.layer, n, driver.dtype, ctx.needs_input_grad[:3])
         temperature = rows.temperature
@@ -464,9 +532,9 @@ class SummedLossFunction(torch.autograd.Function):
                 stats[r0:r1] = chunk_stats = chunk_stats[:r1 - r0]
                 chunk_loss, coef = stat_grads(lambda s, r0=r0, r1=r1: token_loss(s, r0, r1), chunk_stats)
                 loss += chunk_loss
-                chunk = padded.head(r1 - r0)
-                driver.add_grads(grads, chunk, z[:r1 - r0], 0, chunk_stats, coef / per_row(chunk.temperature), r0,
-                                 entropy=entropy, mean=mean)
+                temperature = padded.head(r1 - r0).temperature
+                driver.add_grads(grads, padded, 0, driver.layer.vocab_size, z, chunk_stats,
+                                 coef / per_row(temperature), r0, entropy=entropy, mean=mean)
         else:
             stats = driver.all_stats(rows, entropy=entropy, mean=mean)
             loss, coef = stat_grads(lambda s: token_loss(s, 0, n), stats)
@@ -489,19 +557,19 @@ class SummedLossFunction(torch.autograd.Function):
         return (*_cast(scaled, ctx.dtypes), *[None] * 7)
 
 
-def row_stats(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+def row_stats(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
     """``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`), differentiable in
     the first four columns."""
     _check_no_transforms()
-    return RowStatsFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, entropy, mean, square,
+    return RowStatsFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, entropy, mean, square,
                                   memory_budget)
 
 
-def summed_loss(epilogue: Epilogue, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+def summed_loss(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                 token_loss: TokenLoss, *, entropy: bool, mean: bool,
                 memory_budget: int | None) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward."""
     _check_no_transforms()
-    return SummedLossFunction.apply(rows.hidden, weight, bias, epilogue, rows, softcap, token_loss, entropy, mean,
+    return SummedLossFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)

@@ -5,14 +5,33 @@ Tolerances (elementwise ``|ours - ref| <= atol + rtol * |ref|``, with ``atol`` r
 largest reference magnitude): outputs are float32 for every input dtype and are compared at
 ``rtol = atol = 1e-5``; float32 gradients at ``rtol = 1e-4, atol = 1e-5 * max|ref|``; bfloat16
 gradients are rounded once from float32 accumulators, so they must be within 2**-8 relative
-(one bf16 ulp is 2**-7, round-to-nearest gives half of it) plus ``1e-4 * max|ref|``.
+(one bf16 ulp is 2**-7, round-to-nearest gives half of it) plus ``1e-4 * max|ref|``; with
+half-precision GEMM operands the logit gradient is rounded too (``HALF_OPERAND_GRAD_TOLERANCE``).
 """
 import torch
 from reference64 import reference
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
+from osft_kernels.backends import cpu, resolve_backend
 
 BF16_GRAD_TOLERANCE = {"rtol": 2 ** -8, "atol_rel": 1e-4}
+# half-precision GEMM operands (CUDA; the cpu backend's bfloat16 products): the logit gradient is
+# rounded to the input dtype before the two gradient GEMMs, so the error of a gradient entry scales
+# with sum_j |dz_j| |W_j| rather than with the (cancelling) sum itself: one bf16 ulp of the largest
+# entry (2**-7) on top of the relative 2**-6
+HALF_OPERAND_GRAD_TOLERANCE = {"rtol": 2 ** -6, "atol_rel": 2 ** -7}
+
+
+def bf16_grad_tolerance(backend: str, d: int) -> dict:
+    """The bfloat16 gradient tolerance of ``backend`` (``"auto"``, or a name like ``"cpu-small-chunks"``)
+    on CPU tensors: the cpu backend runs bfloat16 products for even ``d`` where the CPU has them (AMX
+    or AVX512-BF16)."""
+    name = backend.split("-")[0]
+    on_cpu_backend = name == "cpu" or (name == "auto" and resolve_backend("auto", torch.device("cpu")) is cpu)
+    if on_cpu_backend and d % 2 == 0 and cpu.bfloat16_products():
+        return HALF_OPERAND_GRAD_TOLERANCE
+    return BF16_GRAD_TOLERANCE
+
 
 FEATURES = {
     "plain": {},

@@ -6,7 +6,7 @@ import torch
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 
-BACKENDS = ["torch", "reference", "triton"]
+BACKENDS = ["torch", "reference", "triton", "cpu"]
 
 
 def case(dtype=torch.float32):

@@ -52,7 +52,7 @@ def test_demo_writes_its_outputs_and_the_same_seed_gives_the_same_table(tmp_path
         results = run_demo(DemoSettings(model=str(model_dir), run_dir=str(run_dir), ablation=True, **TINY),
                            progress=False)
         check_outputs(run_dir, results, ablation=True)
-        assert results["loss_backend"] == "torch_chunked" and results["device"] == "cpu"
+        assert results["loss_backend"] == "cpu" and results["device"] == "cpu"
         tables.append(format_table(results))
     assert tables[0] == tables[1]
     other = run_demo(DemoSettings(model=str(model_dir), run_dir=str(tmp_path / "seed1"), seed=1, **TINY),
@@ -79,7 +79,7 @@ def test_demo_command_on_the_packaged_model(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     check_outputs(run_dir, results, ablation=False)
     assert results["settings"]["model"] == "smollm2-135m"
-    assert "fused loss backend: torch_chunked" in result.stdout
+    assert "fused loss backend: cpu" in result.stdout
     assert "| GRPO (2 rollouts/prompt) |" in result.stdout
     cached = Path(packaged.resolve_model_path("smollm2-135m"))
     config = json.loads((cached / "config.json").read_text())

@@ -6,7 +6,9 @@ from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK
 
 BACKENDS = {"reference": {"backend": "reference"}, "torch": {"backend": "torch"},
-            "torch-vocab-chunks": {"backend": "torch", "memory_budget": 3 * 8 * ROW_ALIGN * VOCAB_BLOCK}}
+            "torch-vocab-chunks": {"backend": "torch", "memory_budget": 3 * 8 * ROW_ALIGN * VOCAB_BLOCK},
+            "cpu": {"backend": "cpu"},
+            "cpu-vocab-chunks": {"backend": "cpu", "memory_budget": 8 * ROW_ALIGN * VOCAB_BLOCK}}
 
 
 def inputs(lead, d, v, seed=0):

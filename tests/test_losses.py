@@ -534,7 +534,7 @@ def grpo_case(seed=8):
 
 
 # these tensors are on the CPU, where the triton backend runs in the interpreter (conftest.py)
-FUSED_BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton")
+FUSED_BACKENDS = ["torch", "cpu"] + (["triton"] if importlib.util.find_spec("triton")
                               and os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 

@@ -1,27 +1,31 @@
-"""Forward and gradient parity of the reference and torch backends against the float64 reference,
+"""Forward and gradient parity of the reference, torch and cpu backends against the float64 reference,
 over odd shapes, dtypes and feature combinations (tolerances in ``cases.py``)."""
 import pytest
 import torch
-from cases import FEATURES, check_cross_entropy, check_logprobs_and_entropy, make_case
+from cases import FEATURES, bf16_grad_tolerance, check_cross_entropy, check_logprobs_and_entropy, make_case
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
+from osft_kernels.backends import cpu
 from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK
 
 # (leading dims, D, V): no dimension is a multiple of a block size, V = 1 and V < block included
 SHAPES = [((37,), 16, 1), ((29,), 24, 7), ((3, 41), 33, 1000), ((2, 35), 20, 32003), ((1,), 9, 1000)]
 DTYPES = [torch.float32, torch.bfloat16]
-BACKENDS = ["reference", "torch", "torch-small-chunks"]
+BACKENDS = ["reference", "torch", "torch-small-chunks", "cpu", "cpu-small-chunks"]
 
 
-def small_budget(vocab_size: int) -> int:
+def small_budget(vocab_size: int, align: int = ROW_ALIGN, entry_bytes: int = 12) -> int:
     """Forces several token chunks, and several vocabulary chunks when V > 2 blocks."""
-    return 3 * 4 * ROW_ALIGN * min(vocab_size, VOCAB_BLOCK) * 2
+    return entry_bytes * align * min(vocab_size, VOCAB_BLOCK) * 2
 
 
 def backend_kwargs(backend, v):
     if backend == "torch-small-chunks":
         return {"backend": "torch", "memory_budget": small_budget(v)}
+    if backend == "cpu-small-chunks":
+        return {"backend": "cpu", "memory_budget": small_budget(v, cpu.extension()[1], 6)}
     return {"backend": backend}
+
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -29,7 +33,8 @@ def backend_kwargs(backend, v):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,v", SHAPES)
 def test_logprobs_and_entropy(lead, d, v, dtype, feature, backend):
-    check_logprobs_and_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), **backend_kwargs(backend, v))
+    check_logprobs_and_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), bf16_grad_tolerance(backend, d),
+                               **backend_kwargs(backend, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,7 +43,8 @@ def test_logprobs_and_entropy(lead, d, v, dtype, feature, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,v", SHAPES)
 def test_cross_entropy(lead, d, v, dtype, feature, reduction, backend):
-    check_cross_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), reduction, **backend_kwargs(backend, v))
+    check_cross_entropy(make_case(lead, d, v, dtype, FEATURES[feature]), reduction, bf16_grad_tolerance(backend, d),
+                        **backend_kwargs(backend, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,8 +8,9 @@ from osft_kernels import TokenOutputs, linear_logprobs, linear_token_outputs
 
 ALL = ("logprobs", "entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 # (backend, memory_budget): the chunked driver with one and with several vocabulary chunks, the fused forward
-BACKENDS = [("reference", None), ("torch", None), ("torch", 3 * 4 * 16 * 2048 * 2), ("triton", None), ("triton", 0)]
-IDS = ["reference", "torch", "torch-vocab-chunks", "triton", "triton-fused-forward"]
+BACKENDS = [("reference", None), ("torch", None), ("torch", 3 * 4 * 16 * 2048 * 2), ("triton", None), ("triton", 0),
+            ("cpu", None), ("cpu", 6 * 128 * 2048 * 2)]
+IDS = ["reference", "torch", "torch-vocab-chunks", "triton", "triton-fused-forward", "cpu", "cpu-vocab-chunks"]
 
 
 def case(dtype, v=5000, seed=0):

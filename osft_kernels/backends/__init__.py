@@ -1,8 +1,8 @@
 """Backends compute the row statistics of :mod:`osft_kernels.row_stats` for a batch of token rows.
 
 Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, square, options)``;
-the chunked ones (``torch``, ``triton``: the driver of :mod:`osft_kernels.driver` with their own
-epilogue) also provide ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean,
+the chunked ones (``torch``, ``triton``, ``cpu``: the driver of :mod:`osft_kernels.driver` with their
+own chunk kernels) also provide ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean,
 options)``, which forms the gradients of a sum of per-token losses during the forward pass. The
 triton backend is imported only when it is used, so ``osft_kernels`` works without triton installed.
 """
@@ -13,11 +13,10 @@ from types import ModuleType
 
 import torch
 
-from . import reference, torch_chunked
+from . import cpu, reference, torch_chunked
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "cpu")
 PLANNED = {
-    "cpu": "the C++ CPU extension is not part of this release",
     "cuda": "the CUDA extension is not part of this release",
 }
 
@@ -40,16 +39,22 @@ def _triton_backend(device: torch.device) -> ModuleType:
 def resolve_backend(name, device: torch.device) -> ModuleType:
     """The backend module for ``name`` and tensors on ``device``.
 
-    ``"auto"``: the triton backend for CUDA tensors when triton is installed, else the torch backend.
+    ``"auto"``: for CUDA tensors the triton backend when triton is installed, for CPU tensors the cpu
+    backend when its C++ extension is built, else the torch backend.
     """
     if name == "auto":
-        return _triton_backend(device) if device.type == "cuda" and triton_installed() else torch_chunked
+        if device.type == "cuda" and triton_installed():
+            return _triton_backend(device)
+        return cpu if device.type == "cpu" and cpu.available() else torch_chunked
     if name == "reference":
         return reference
     if name == "torch":
         return torch_chunked
     if name == "triton":
         return _triton_backend(device)
+    if name == "cpu":
+        cpu.check_available(device)
+        return cpu
     if name in PLANNED:
         raise ValueError(f"backend {name!r} is not available: {PLANNED[name]}; use one of {['auto', *BACKENDS]}")
     raise ValueError(f"backend must be one of {['auto', *BACKENDS, *PLANNED]}, got {name!r}")

@@ -1,8 +1,9 @@
 """Torch backend: the chunked driver (:mod:`osft_kernels.driver`) with an epilogue of PyTorch elementwise ops.
 
-Runs on any device; on CPU it is the default. The logits chunk is transformed in place (bias,
-softcap, temperature), reduced per ``VOCAB_BLOCK``-column block with one work buffer (two with
-entropy), and overwritten by the float32 logit gradient.
+Runs on any device; on CPU it is the default when the C++ extension of the cpu backend is not
+built. The logits chunk is transformed in place (bias, softcap, temperature), reduced per
+``VOCAB_BLOCK``-column block with one work buffer (two with entropy), and overwritten by the float32
+logit gradient.
 """
 import torch
 from torch import Tensor
@@ -131,17 +132,22 @@ class TorchEpilogue:
         return g
 
 
+def _kernels() -> driver.GemmEpilogue:
+    """The driver's chunk kernels: vendor GEMMs and a fresh epilogue (its work buffers live for one call)."""
+    return driver.GemmEpilogue(TorchEpilogue())
+
+
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
-    return driver.row_stats(TorchEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+    return driver.row_stats(_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                             memory_budget=options.memory_budget)
 
 
 def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
                 entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
-    return driver.summed_loss(TorchEpilogue(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+    return driver.summed_loss(_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
                               memory_budget=options.memory_budget)
 
 
@@ -150,6 +156,6 @@ def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softca
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
     (:func:`osft_kernels.driver.row_stats_grads`)."""
-    return driver.row_stats_grads(TorchEpilogue(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+    return driver.row_stats_grads(_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
                                   mean=mean, memory_budget=options.memory_budget, needs=needs)
 

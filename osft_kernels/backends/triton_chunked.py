@@ -133,6 +133,11 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     return stats
 
 
+def _kernels() -> driver.GemmEpilogue:
+    """The driver's chunk kernels: vendor GEMMs and a fresh epilogue (its work buffers live for one call)."""
+    return driver.GemmEpilogue(TritonEpilogue())
+
+
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked driver,
@@ -140,7 +145,7 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
     check_inputs(rows.hidden)
     if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
         return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square)
-    return driver.row_stats(TritonEpilogue(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+    return driver.row_stats(_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                             memory_budget=options.memory_budget)
 
 
@@ -148,7 +153,7 @@ def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: f
                 entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
     check_inputs(rows.hidden)
-    return driver.summed_loss(TritonEpilogue(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+    return driver.summed_loss(_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
                               memory_budget=options.memory_budget)
 
 
@@ -158,6 +163,6 @@ def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softca
     """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
     (:func:`osft_kernels.driver.row_stats_grads`)."""
     check_inputs(rows.hidden)
-    return driver.row_stats_grads(TritonEpilogue(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+    return driver.row_stats_grads(_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
                                   mean=mean, memory_budget=options.memory_budget, needs=needs)
 

@@ -1,0 +1,2 @@
+// The CPU kernels built with the default vector width (setup.py sets the compiler flags).
+#include "chunk_kernels.cpp"
