@@ -36,3 +36,31 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 bench: $(BIN)/.bench-installed
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only -rs -p no:cacheprovider --benchmark-json=$(VENV)/benchmark.json
 	$(BIN)/python -m benchmarks.report $(VENV)/benchmark.json
+
+# The cuda backend's extension (csrc/cuda) in its own environment, .venv-cuda: a CUDA build of torch 2.13.0
+# (about 5 GB), nvcc, and no GPU needed to build it or to load its ops. pip's configuration on these machines
+# (PIP_FIND_LINKS, /etc/pip.conf) offers a local CPU wheel, torch-2.13.0+cpu, that would win over PyPI's CUDA
+# build of the same version, so it is bypassed. torch locates the toolkit from nvcc's folder, which here is a
+# wrapper script in /usr/local/bin: CUDA_HOME names the toolkit.
+CUDA_VENV := .venv-cuda
+CUDA_BIN := $(CUDA_VENV)/bin
+CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: cuda-build
+
+$(CUDA_BIN)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(CUDA_VENV)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(CUDA_BIN)/pip install --quiet torch==2.13.0 numpy setuptools \
+		ninja pytest
+	$(CUDA_BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None and 'got a CPU build of torch')"
+	touch $@
+
+# builds osft_kernels/_cuda*.so in place (only that extension), checks that its ops load, and runs the
+# tests that need no GPU
+cuda-build: $(CUDA_BIN)/.installed
+	CUDA_HOME=$(CUDA_HOME) OSFT_KERNELS_EXTENSIONS=cuda $(CUDA_BIN)/pip install --quiet --no-build-isolation \
+		--no-deps -e .
+	$(CUDA_BIN)/python -c "import torch; from osft_kernels.backends import cuda_chunked as c; \
+		assert c.available(), c.extension(); \
+		print('osft_kernels_cuda ops loaded; torch', torch.__version__, '; GPU:', torch.cuda.is_available())"
+	$(CUDA_BIN)/python -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_compile.py

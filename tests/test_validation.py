@@ -48,7 +48,7 @@ CASES = [
     ({"softcap": -3.0}, ValueError, "softcap must be None or a finite number > 0"),
     ({"shift": 1}, TypeError, "shift must be a bool"),
     ({"backend": "nope"}, ValueError, r"backend must be one of \['auto', 'reference', 'torch', 'triton'"),
-    ({"backend": "cuda"}, ValueError, "backend 'cuda' is not available"),
+    ({"backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors, got cpu tensors"),
     ({"memory_budget": 100}, ValueError, "memory_budget must be None or an int of at least"),
     ({"memory_budget": 2.0**30}, ValueError, "memory_budget must be None or an int"),
 ]

@@ -13,12 +13,9 @@ from types import ModuleType
 
 import torch
 
-from . import cpu, reference, torch_chunked
+from . import cpu, cuda_chunked, reference, torch_chunked
 
-BACKENDS = ("reference", "torch", "triton", "cpu")
-PLANNED = {
-    "cuda": "the CUDA extension is not part of this release",
-}
+BACKENDS = ("reference", "torch", "triton", "cpu", "cuda")
 
 
 def triton_installed() -> bool:
@@ -55,6 +52,6 @@ def resolve_backend(name, device: torch.device) -> ModuleType:
     if name == "cpu":
         cpu.check_available(device)
         return cpu
-    if name in PLANNED:
-        raise ValueError(f"backend {name!r} is not available: {PLANNED[name]}; use one of {['auto', *BACKENDS]}")
-    raise ValueError(f"backend must be one of {['auto', *BACKENDS, *PLANNED]}, got {name!r}")
+    if name == "cuda":
+        return cuda_chunked
+    raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")

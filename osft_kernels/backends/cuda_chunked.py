@@ -1,0 +1,139 @@
+"""CUDA backend: the chunked driver (:mod:`osft_kernels.driver`) with cuBLAS GEMMs and the CUDA C++
+epilogue of ``csrc/cuda`` (torch ops ``osft_kernels_cuda::block_stats`` and ``logit_grad``).
+
+The same work as the triton backend's chunked driver, without triton: cuBLAS computes each logits
+chunk in float32 (from half-precision operands for half-precision inputs); one kernel reduces it to
+per-block statistics, another writes the logit gradient in the input dtype over the chunk's own
+buffer; cuBLAS forms ``d_hidden`` and ``d_weight`` in float32. Deterministic: no atomics. The
+per-logit math is ``csrc/common/row_math.h``, shared with the cpu backend.
+
+The extension ``osft_kernels/_cuda*.so`` is built by ``setup.py`` when torch is a CUDA build and
+nvcc is found (``make cuda-build`` on a machine without a GPU).
+"""
+import functools
+import importlib.machinery
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import driver
+from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer
+from ..inputs import BackendOptions, TokenRows
+from ..row_stats import NUM_STATS
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BUILD_HINT = ("build it next to a CUDA build of torch with nvcc on PATH: pip install --no-build-isolation -e . "
+              "(or make cuda-build)")
+
+
+def _library_path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = PACKAGE_DIR / f"_cuda{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+@functools.cache
+def extension() -> str:
+    """Why the CUDA extension's ops cannot be used ("" once they are loaded)."""
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is not a CUDA build"
+    path = _library_path()
+    if path is None:
+        return f"osft_kernels was installed without its CUDA extension; {BUILD_HINT}"
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:
+        return f"the CUDA extension {path.name} failed to load ({error}); {BUILD_HINT}"
+    layout = tuple(int(x) for x in torch.ops.osft_kernels_cuda.build_info().split())
+    if layout != (VOCAB_BLOCK, NUM_STATS, NUM_PARTIALS):
+        return f"the CUDA extension {path.name} is stale (layout {layout}); {BUILD_HINT}"
+    return ""
+
+
+def available() -> bool:
+    return not extension()
+
+
+def check_inputs(hidden: Tensor) -> None:
+    """float32/bfloat16/float16 CUDA tensors and a loaded extension; ``weight`` was checked to match
+    ``hidden``'s dtype and device."""
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='cuda' supports float32, bfloat16 and float16 inputs, got {hidden.dtype}; "
+                        f"use backend='torch' for float64")
+    if hidden.device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got {hidden.device} tensors")
+    if not available():
+        raise ValueError(f"backend 'cuda' is not available: {extension()}")
+
+
+def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
+    """``[rows]`` float32 ``1 / temperature`` on ``like``'s device."""
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature.float()).contiguous()
+    return like.new_full((rows,), 1.0 / temperature, dtype=torch.float32)
+
+
+def _softcap(layer: OutputLayer) -> float:
+    return 0.0 if layer.softcap is None else float(layer.softcap)
+
+
+class CudaEpilogue:
+    """The :class:`osft_kernels.driver.Epilogue` as two CUDA kernels; the logits buffer is the only
+    work memory (the gradient is written over it)."""
+
+    def work_bytes(self, *, entropy: bool) -> int:
+        return 4
+
+    def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
+        return raw  # bias, softcap and temperature are applied by the kernels as they read
+
+    def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
+                    target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
+        torch.ops.osft_kernels_cuda.block_stats(z, partials, target_logit, chunk.targets.contiguous(),
+                                                _inv_temp(chunk.temperature, z.shape[0], z), layer.bias,
+                                                _softcap(layer), v0, entropy, mean, square)
+
+    def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
+                   grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
+        # the gradient row is written over the first bytes of its own logits row
+        dz = z.view(grad_dtype)[:, :z.shape[1]] if grad_dtype != z.dtype else z
+        torch.ops.osft_kernels_cuda.logit_grad(z, dz, chunk.targets.contiguous(),
+                                               _inv_temp(chunk.temperature, z.shape[0], z),
+                                               stats.float().contiguous(), coef.float().contiguous(), layer.bias,
+                                               _softcap(layer), v0, layer.vocab_size, entropy, mean)
+        return dz
+
+
+def _kernels() -> driver.GemmEpilogue:
+    return driver.GemmEpilogue(CudaEpilogue())
+
+
+def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
+    """Differentiable ``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
+    check_inputs(rows.hidden)
+    return driver.row_stats(_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+                            memory_budget=options.memory_budget)
+
+
+def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
+                entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
+    """``(sum_i token_loss_i, stats [n, NUM_STATS])`` with the gradients formed in forward
+    (:mod:`osft_kernels.driver`)."""
+    check_inputs(rows.hidden)
+    return driver.summed_loss(_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+                              memory_budget=options.memory_budget)
+
+
+def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
+                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
+                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
+    (:func:`osft_kernels.driver.row_stats_grads`)."""
+    check_inputs(rows.hidden)
+    return driver.row_stats_grads(_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+                                  mean=mean, memory_budget=options.memory_budget, needs=needs)
