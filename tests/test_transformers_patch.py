@@ -347,7 +347,7 @@ def test_bad_arguments_are_refused_by_name():
     with pytest.raises(TypeError, match="model_or_model_type must be a transformers causal LM or a "
                                         "config.model_type string, got int"):
         patch(3)
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'reference', 'torch', 'triton', 'cpu'\]"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'reference', 'torch', 'triton', 'cpu', 'cuda'\]"):
         patch(model, backend="fast")
     classifier = transformers.LlamaForSequenceClassification(model.config)
     with pytest.raises(TypeError, match="model must be a transformers \\*ForCausalLM"):
