@@ -573,3 +573,37 @@ def summed_loss(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Te
     _check_no_transforms()
     return SummedLossFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)
+
+
+class ChunkedBackend:
+    """A chunked backend's entry points (``row_stats``, ``summed_loss``, ``row_stats_grads``, see
+    :mod:`osft_kernels.backends`): the functions above with fresh kernels from ``make_kernels()`` per
+    call (their work buffers live for one call), after ``check(hidden)`` refuses inputs the backend
+    cannot run."""
+
+    def __init__(self, make_kernels: Callable[[], ChunkKernels],
+                 check: Callable[[Tensor], None] = lambda hidden: None):
+        self.make_kernels = make_kernels
+        self.check = check
+
+    def row_stats(self, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+                  entropy: bool, mean: bool, square: bool, options) -> Tensor:
+        """Differentiable ``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
+        self.check(rows.hidden)
+        return row_stats(self.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+                         memory_budget=options.memory_budget)
+
+    def summed_loss(self, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                    token_loss: TokenLoss, *, entropy: bool, mean: bool, options) -> tuple[Tensor, Tensor]:
+        """``(sum_i token_loss_i, stats [n, NUM_STATS])`` with the gradients formed in forward."""
+        self.check(rows.hidden)
+        return summed_loss(self.make_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+                           memory_budget=options.memory_budget)
+
+    def row_stats_grads(self, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                        stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, options,
+                        needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``."""
+        self.check(rows.hidden)
+        return row_stats_grads(self.make_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+                               mean=mean, memory_budget=options.memory_budget, needs=needs)

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from .. import driver
 from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, GradAccumulator, OutputLayer
-from ..inputs import BackendOptions, TokenRows
 from ..row_stats import NUM_STATS
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -240,25 +239,5 @@ def check_available(device: torch.device) -> None:
         raise ValueError(f"backend 'cpu' is not available: {message}")
 
 
-def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
-    """Differentiable ``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
-    return driver.row_stats(CpuKernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
-                            memory_budget=options.memory_budget)
-
-
-def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
-                entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
-    """``(sum_i token_loss_i, stats [n, NUM_STATS])`` with the gradients formed in forward
-    (:mod:`osft_kernels.driver`)."""
-    return driver.summed_loss(CpuKernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
-                              memory_budget=options.memory_budget)
-
-
-def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
-                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
-                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
-    (:func:`osft_kernels.driver.row_stats_grads`)."""
-    return driver.row_stats_grads(CpuKernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
-                                  mean=mean, memory_budget=options.memory_budget, needs=needs)
+BACKEND = driver.ChunkedBackend(CpuKernels)
+row_stats, summed_loss, row_stats_grads = BACKEND.row_stats, BACKEND.summed_loss, BACKEND.row_stats_grads

@@ -21,7 +21,6 @@ from ..driver import (
     Chunk,
     per_row,
 )
-from ..inputs import BackendOptions, TokenRows
 from ..row_stats import ENTROPY, LSE, MEAN_LOGIT, TARGET_LOGIT
 
 
@@ -132,30 +131,6 @@ class TorchEpilogue:
         return g
 
 
-def _kernels() -> driver.GemmEpilogue:
-    """The driver's chunk kernels: vendor GEMMs and a fresh epilogue (its work buffers live for one call)."""
-    return driver.GemmEpilogue(TorchEpilogue())
-
-
-def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
-              entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
-    """Differentiable ``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
-    return driver.row_stats(_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
-                            memory_budget=options.memory_budget)
-
-
-def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
-                entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
-    """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
-    return driver.summed_loss(_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
-                              memory_budget=options.memory_budget)
-
-
-def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
-                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
-                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
-    (:func:`osft_kernels.driver.row_stats_grads`)."""
-    return driver.row_stats_grads(_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
-                                  mean=mean, memory_budget=options.memory_budget, needs=needs)
-
+# fresh epilogue per call: its work buffers live for one call
+BACKEND = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TorchEpilogue()))
+row_stats, summed_loss, row_stats_grads = BACKEND.row_stats, BACKEND.summed_loss, BACKEND.row_stats_grads

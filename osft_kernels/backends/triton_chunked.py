@@ -133,36 +133,16 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     return stats
 
 
-def _kernels() -> driver.GemmEpilogue:
-    """The driver's chunk kernels: vendor GEMMs and a fresh epilogue (its work buffers live for one call)."""
-    return driver.GemmEpilogue(TritonEpilogue())
+BACKEND = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TritonEpilogue()), check_inputs)
+summed_loss, row_stats_grads = BACKEND.summed_loss, BACKEND.row_stats_grads
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
-    """``[n, 4]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked driver,
-    differentiable; with ``memory_budget=0`` and no gradient wanted, from the fused forward."""
+    """``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`) through the chunked
+    driver, differentiable; with ``memory_budget=0`` and no gradient wanted, from the fused forward."""
     check_inputs(rows.hidden)
     if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
         return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square)
-    return driver.row_stats(_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
-                            memory_budget=options.memory_budget)
-
-
-def summed_loss(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, token_loss, *,
-                entropy: bool, mean: bool, options: BackendOptions) -> tuple[Tensor, Tensor]:
-    """``(sum_i token_loss_i, stats [n, 4])`` with the gradients formed in forward (:mod:`osft_kernels.driver`)."""
-    check_inputs(rows.hidden)
-    return driver.summed_loss(_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
-                              memory_budget=options.memory_budget)
-
-
-def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
-                    grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
-                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``
-    (:func:`osft_kernels.driver.row_stats_grads`)."""
-    check_inputs(rows.hidden)
-    return driver.row_stats_grads(_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
-                                  mean=mean, memory_budget=options.memory_budget, needs=needs)
-
+    return driver.row_stats(BACKEND.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+                            square=square, memory_budget=options.memory_budget)
