@@ -119,7 +119,7 @@ def vnni_rows(matrix: Tensor, block: int) -> Tensor:
 def bfloat16_products() -> bool:
     """Whether this CPU runs the extension's bfloat16 products (oneDNN's brgemm on AMX or
     AVX512-BF16): checked once on a small problem against float32."""
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if extension()[0] is None or not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return False
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(64, 8, generator=gen).bfloat16()
