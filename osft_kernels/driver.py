@@ -13,13 +13,15 @@ Two gradient strategies:
 
 * :class:`RowStatsFunction`: forward saves only the ``[n, NUM_STATS]`` statistics; backward recomputes each
   chunk's logits for any upstream gradient on them. 2NDV + 6NDV FLOPs. Chunks are near square
-  (``rows ~ vocab``), which minimizes the float32 accumulator traffic of the backward.
+  (``rows ~ vocab``), which minimizes the float32 accumulator traffic of the backward; the backward
+  runs one vocabulary range at a time over all token chunks, so half-precision weights need a float32
+  accumulator of one range, not of the whole ``[V, D]`` gradient.
 * :class:`SummedLossFunction`: for ``sum_i f_i(stats_i)`` whose per-token terms are known at forward
   time (weighted cross-entropy, policy-gradient losses), each token chunk spans the whole vocabulary:
   statistics, then the per-token coefficients by autograd on ``f`` (so every loss formula exists once),
   then the logit gradient in place and both gradient GEMMs. 6NDV; backward only scales the float32
-  gradients. When the memory budget cannot hold ``ROW_ALIGN`` full rows it falls back to a statistics
-  pass followed by the recomputing backward (8NDV).
+  gradients. When the memory budget cannot hold ``MIN_FULL_ROWS`` full rows, :func:`summed_loss` takes
+  the statistics through :class:`RowStatsFunction` instead (8NDV).
 
 Batch invariance: every logits GEMM has a row count that is a multiple of ``ROW_ALIGN`` (16; 256 on
 CUDA; the last token chunk is zero-padded) and every row reduction runs over fixed
@@ -49,6 +51,11 @@ CUDA_ROW_ALIGN = 256
 NUM_PARTIALS = 5
 PARTIAL_MAX, PARTIAL_SUM, PARTIAL_ENTROPY, PARTIAL_LOGIT_SUM, PARTIAL_SQUARE_SUM = range(NUM_PARTIALS)
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+# token chunks that span the vocabulary need at least this many rows: the weight gradient is a product
+# over a chunk's rows added into its [V, D] float32 accumulator once per chunk, and with fewer rows that
+# accumulator's memory traffic costs about what the recomputing strategy's extra logits product does
+# (measured on CPU: bfloat16, V = 262144, 64-row chunks), which needs no [V, D] accumulator at all
+MIN_FULL_ROWS = 128
 FINITE_MIN = -3.0e38  # a block max of -inf (a fully masked block) is clamped here so that z - max stays finite
 # below log of float64's smallest subnormal (-745): e^x is exactly 0 here, so log-probabilities clamped to it
 # keep p = 0 and turn the 0 * -inf of a -inf logit (a masked vocabulary entry) into 0 * LOG_ZERO = 0
@@ -91,8 +98,8 @@ def plan_chunks(num_rows: int, vocab_size: int, *, entry_bytes: int, memory_budg
                 align: int = ROW_ALIGN) -> ChunkPlan | None:
     """The chunk shape whose buffers (``entry_bytes`` per logit) fit in ``memory_budget`` bytes.
 
-    ``full_rows``: chunks span the whole vocabulary (None if not even ``align`` rows fit); otherwise
-    near-square chunks. The shape depends on V and the budget, never on ``num_rows`` (which only
+    ``full_rows``: chunks span the whole vocabulary (None if fewer than ``MIN_FULL_ROWS`` and ``align``
+    rows fit); otherwise near-square chunks. The shape depends on V and the budget, never on ``num_rows`` (which only
     caps the row count at the padded batch). Row counts are multiples of ``align``.
     """
     minimum = entry_bytes * align * min(vocab_size, VOCAB_BLOCK)
@@ -101,7 +108,7 @@ def plan_chunks(num_rows: int, vocab_size: int, *, entry_bytes: int, memory_budg
                          f"(or 0 with backend='triton' and no gradients: the fused forward), got {memory_budget!r}")
     entries = memory_budget // entry_bytes
     if full_rows:
-        if entries < align * vocab_size:
+        if entries < max(align, MIN_FULL_ROWS) * vocab_size:
             return None
         vocab = vocab_size
     else:
@@ -339,6 +346,17 @@ def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, ent
     return stats
 
 
+def chunk_plan(kernels: "ChunkKernels", weight: Tensor, num_rows: int, *, entropy: bool, memory_budget: int | None,
+               full_rows: bool) -> ChunkPlan:
+    """The chunk shape of ``kernels`` (their :meth:`ChunkKernels.gemms` already called for ``weight``):
+    spanning the vocabulary when ``full_rows`` asks for it and enough such rows fit, else near square."""
+    budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
+    shape = dict(entry_bytes=kernels.work_bytes(entropy=entropy), memory_budget=budget,
+                 align=kernels.row_align(weight.device))
+    plan = plan_chunks(num_rows, weight.shape[0], full_rows=full_rows, **shape)
+    return plan if plan is not None else plan_chunks(num_rows, weight.shape[0], full_rows=False, **shape)
+
+
 class _Driver:
     """One call's layer, GEMM policy, chunk kernels, chunk plan and chunk buffer."""
 
@@ -348,14 +366,9 @@ class _Driver:
         self.gemms = kernels.gemms(weight)
         self.layer = OutputLayer(weight, bias, softcap, self.gemms)
         self.dtype = compute_dtype(weight.dtype)
-        budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
-        entry_bytes = kernels.work_bytes(entropy=entropy)
         self.align = kernels.row_align(weight.device)
-        self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes, memory_budget=budget,
-                                full_rows=full_rows, align=self.align)
-        if self.plan is None:  # full rows do not fit: square chunks
-            self.plan = plan_chunks(num_rows, self.layer.vocab_size, entry_bytes=entry_bytes,
-                                    memory_budget=budget, full_rows=False, align=self.align)
+        self.plan = chunk_plan(kernels, weight, num_rows, entropy=entropy, memory_budget=memory_budget,
+                               full_rows=full_rows)
         self._buffer = torch.empty(self.plan.entries, dtype=self.dtype, device=weight.device)
 
     @property
@@ -398,36 +411,79 @@ class _Driver:
 
     def recompute_grads(self, grads: "GradAccumulator", rows: TokenRows, stats: Tensor, coef: Tensor, *,
                         entropy: bool, mean: bool) -> None:
-        """Recompute every chunk's logits and accumulate the gradients for ``coef [n, NUM_STATS]``."""
+        """Recompute every chunk's logits and accumulate the gradients for ``coef [n, NUM_STATS]``: one
+        vocabulary range at a time over all token chunks, so that its weight and bias gradients are
+        complete before the next range starts."""
         n = stats.shape[0]
-        for r0, r1 in self.plan.row_ranges(n):
-            padded = self.chunk(rows, r0, r1)
-            for v0, v1 in self.plan.vocab_ranges(self.layer.vocab_size):
-                self.add_grads(grads, padded, v0, v1, None, stats[r0:r1], coef[r0:r1], r0, entropy=entropy,
-                               mean=mean)
+        for v0, v1 in self.plan.vocab_ranges(self.layer.vocab_size):
+            for r0, r1 in self.plan.row_ranges(n):
+                self.add_grads(grads, self.chunk(rows, r0, r1), v0, v1, None, stats[r0:r1], coef[r0:r1], r0,
+                               entropy=entropy, mean=mean)
 
 
 class GradAccumulator:
-    """Gradients of hidden rows, weight and bias, accumulated in the compute dtype."""
+    """Gradients of hidden rows, weight and bias, accumulated in the compute dtype ``dtype``.
 
-    def __init__(self, layer: OutputLayer, num_rows: int, dtype: torch.dtype, needs: tuple[bool, bool, bool]):
+    The weight and bias gradients end in ``out_dtype`` (default ``dtype``). Where that differs, they
+    are accumulated in the compute dtype over one vocabulary range (at most ``span`` columns) at a
+    time, which the kernels complete before moving to the next (:meth:`columns`), and the range is
+    then rounded into the result once: no compute-dtype copy of the whole ``[V, D]`` gradient.
+    """
+
+    def __init__(self, layer: OutputLayer, num_rows: int, dtype: torch.dtype, needs: tuple[bool, bool, bool], *,
+                 out_dtype: torch.dtype | None = None, span: int | None = None):
         weight = layer.weight
+        vocab_size, dim = weight.shape
+        out_dtype = dtype if out_dtype is None else out_dtype
         self.layer = layer
-        self.hidden = weight.new_zeros(num_rows, weight.shape[1], dtype=dtype) if needs[0] else None
-        self.weight = torch.zeros_like(weight, dtype=dtype) if needs[1] else None
-        self.bias = weight.new_zeros(layer.vocab_size, dtype=dtype) if needs[2] and layer.bias is not None else None
+        self.hidden = weight.new_zeros(num_rows, dim, dtype=dtype) if needs[0] else None
+        self.weight = weight.new_zeros(vocab_size, dim, dtype=out_dtype) if needs[1] else None
+        self.bias = weight.new_zeros(vocab_size, dtype=out_dtype) if needs[2] and layer.bias is not None else None
+        windowed = out_dtype != dtype
+        span = vocab_size if span is None else min(span, vocab_size)
+        self._weight_window = weight.new_empty(span, dim, dtype=dtype) if windowed and needs[1] else None
+        self._bias_window = weight.new_empty(span, dtype=dtype) if windowed and self.bias is not None else None
+        self._range: tuple[int, int] | None = None  # the columns held in the windows
+
+    def columns(self, v0: int, v1: int) -> tuple[Tensor | None, Tensor | None]:
+        """The compute-dtype accumulators ``[v1 - v0, D]`` and ``[v1 - v0]`` of the weight and bias
+        gradients of columns ``v0:v1`` (None where not needed). A windowed accumulator holds one range:
+        asking for another one finishes the previous range."""
+        if self._weight_window is None and self._bias_window is None:
+            return (None if self.weight is None else self.weight[v0:v1],
+                    None if self.bias is None else self.bias[v0:v1])
+        if self._range != (v0, v1):
+            self._flush()
+            self._range = (v0, v1)
+            for window in (self._weight_window, self._bias_window):
+                if window is not None:
+                    window[:v1 - v0].zero_()
+        return (None if self._weight_window is None else self._weight_window[:v1 - v0],
+                None if self._bias_window is None else self._bias_window[:v1 - v0])
+
+    def _flush(self) -> None:
+        if self._range is None:
+            return
+        v0, v1 = self._range
+        for window, out in ((self._weight_window, self.weight), (self._bias_window, self.bias)):
+            if window is not None:
+                out[v0:v1].copy_(window[:v1 - v0])
+        self._range = None
 
     def add(self, gemms: Gemms, chunk_hidden: Tensor, dz: Tensor, v0: int, r0: int, alpha: float) -> None:
         """Accumulate ``alpha * dz [r, w]`` of the token chunk starting at row ``r0`` and column ``v0``."""
         r, w = dz.shape
         if self.hidden is not None:
             gemms.accumulate(self.hidden[r0:r0 + r], dz, self.layer.weight[v0:v0 + w], alpha)
-        if self.weight is not None:
-            gemms.accumulate(self.weight[v0:v0 + w], dz.t(), chunk_hidden, alpha)
-        if self.bias is not None:
-            self.bias[v0:v0 + w].add_(dz.sum(0, dtype=self.bias.dtype), alpha=alpha)
+        weight, bias = self.columns(v0, v0 + w)
+        if weight is not None:
+            gemms.accumulate(weight, dz.t(), chunk_hidden, alpha)
+        if bias is not None:
+            bias.add_(dz.sum(0, dtype=bias.dtype), alpha=alpha)
 
     def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(hidden, weight, bias)``: ``hidden`` in the compute dtype, the others in ``out_dtype``."""
+        self._flush()
         return self.hidden, self.weight, self.bias
 
 
@@ -501,14 +557,16 @@ def row_stats_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias
     coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
     entropy = entropy and bool(coef[:, ENTROPY].any())
     mean = mean and bool(coef[:, MEAN_LOGIT].any())
-    grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, needs)
+    grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, needs, out_dtype=weight.dtype,
+                            span=driver.plan.vocab)
     with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
         driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
     return _cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype))
 
 
 class SummedLossFunction(torch.autograd.Function):
-    """``(sum_i token_loss(stats)_i, stats [n, NUM_STATS])`` with the gradients formed during the forward pass.
+    """``(sum_i token_loss(stats)_i, stats [n, NUM_STATS])`` with the gradients formed during the forward pass,
+    in token chunks that span the vocabulary (:func:`summed_loss` checks that they fit).
 
     ``token_loss(stats [r, NUM_STATS], r0, r1) -> [r]``: the (weighted) loss of rows ``r0:r1``; it may
     depend only on those rows' statistics and on values fixed before the call. The returned
@@ -522,23 +580,17 @@ class SummedLossFunction(torch.autograd.Function):
         driver = _Driver(kernels, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
                          full_rows=True)
         grads = GradAccumulator(driver.layer, n, driver.dtype, ctx.needs_input_grad[:3])
-        temperature = rows.temperature
-        if driver.full_rows:
-            stats = hidden.new_empty(n, NUM_STATS, dtype=driver.dtype)
-            loss = hidden.new_zeros((), dtype=driver.dtype)
-            for r0, r1 in driver.plan.row_ranges(n):
-                padded = driver.chunk(rows, r0, r1)
-                chunk_stats, z = driver.chunk_stats(padded, entropy=entropy, mean=mean)
-                stats[r0:r1] = chunk_stats = chunk_stats[:r1 - r0]
-                chunk_loss, coef = stat_grads(lambda s, r0=r0, r1=r1: token_loss(s, r0, r1), chunk_stats)
-                loss += chunk_loss
-                temperature = padded.head(r1 - r0).temperature
-                driver.add_grads(grads, padded, 0, driver.layer.vocab_size, z, chunk_stats,
-                                 coef / per_row(temperature), r0, entropy=entropy, mean=mean)
-        else:
-            stats = driver.all_stats(rows, entropy=entropy, mean=mean)
-            loss, coef = stat_grads(lambda s: token_loss(s, 0, n), stats)
-            driver.recompute_grads(grads, rows, stats, coef / per_row(temperature), entropy=entropy, mean=mean)
+        stats = hidden.new_empty(n, NUM_STATS, dtype=driver.dtype)
+        loss = hidden.new_zeros((), dtype=driver.dtype)
+        for r0, r1 in driver.plan.row_ranges(n):
+            padded = driver.chunk(rows, r0, r1)
+            chunk_stats, z = driver.chunk_stats(padded, entropy=entropy, mean=mean)
+            stats[r0:r1] = chunk_stats = chunk_stats[:r1 - r0]
+            chunk_loss, coef = stat_grads(lambda s, r0=r0, r1=r1: token_loss(s, r0, r1), chunk_stats)
+            loss += chunk_loss
+            temperature = padded.head(r1 - r0).temperature
+            driver.add_grads(grads, padded, 0, driver.layer.vocab_size, z, chunk_stats, coef / per_row(temperature),
+                             r0, entropy=entropy, mean=mean)
         # kept in the compute dtype so that scaling by the upstream gradient rounds only once
         saved = grads.grads()
         ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in saved))
@@ -571,6 +623,13 @@ def summed_loss(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Te
                 memory_budget: int | None) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward."""
     _check_no_transforms()
+    kernels.gemms(weight)
+    plan = chunk_plan(kernels, weight, rows.hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
+                      full_rows=True)
+    if plan.vocab < weight.shape[0]:  # too few full rows fit: statistics, then a recomputing backward
+        stats = row_stats(kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=False,
+                          memory_budget=memory_budget)
+        return token_loss(stats, 0, rows.hidden.shape[0]).sum(), stats.detach()
     return SummedLossFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)
 

@@ -92,7 +92,7 @@ gen = torch.Generator().manual_seed(0)
 digest = hashlib.sha256()
 for dtype in (torch.float32, torch.bfloat16):
     h = torch.randn(300, 96, generator=gen).to(dtype).requires_grad_()
-    w = (torch.randn(2 * 2048 + 300, 96, generator=gen) / 8).to(dtype).requires_grad_()
+    w = (torch.randn(8 * 2048 + 300, 96, generator=gen) / 8).to(dtype).requires_grad_()
     b = torch.randn(w.shape[0], generator=gen).to(dtype).requires_grad_()
     y = torch.randint(0, w.shape[0], (300,), generator=gen)
     kw = dict(bias=b, softcap=20.0, temperature=0.8, backend="cpu")

@@ -42,7 +42,9 @@ def test_matches_the_loss_on_reference_logprobs(dtype, feature, backend):
     token_loss, of_values = per_token_loss(case)
     loss, out = linear_token_loss(case["hidden"], case["weight"], case["targets"], token_loss, return_entropy=True,
                                   **kwargs, **BACKENDS[backend])
-    assert type(loss.grad_fn).__name__ == "SummedLossFunctionBackward"
+    # the small budget holds too few full rows: statistics, then the recomputing backward
+    path = "SumBackward0" if backend == "torch-small-chunks" else "SummedLossFunctionBackward"
+    assert type(loss.grad_fn).__name__ == path
     ref_params = [p.detach().double().requires_grad_() for p in (case["hidden"], case["weight"],
                                                                   *([kwargs["bias"]] if "bias" in kwargs else []))]
     ref = reference(ref_params[0], ref_params[1], case["targets"], bias=ref_params[2] if len(ref_params) > 2 else None,

@@ -12,9 +12,14 @@
 //   once and is kept, transposed, for the weight and bias gradients.
 //
 // Parallel with at::parallel_for, race-free and in a fixed order: every task owns disjoint outputs
-// (a tile's partials; a row tile's d_hidden; a vocabulary block's d_weight and d_bias), and inside a
-// task the work runs in index order with fixed tile shapes. Results therefore do not depend on the
-// thread count or on the other rows of the batch (the driver pads fused chunks to whole row tiles).
+// (a tile's partials or gradient; a row tile's d_hidden partial over one group of GROUP_BLOCKS
+// vocabulary blocks, the partials summed in group order afterwards; a 64-column slice of d_weight and
+// d_bias), and inside a task the work runs in index order with fixed tile shapes. Results therefore do
+// not depend on the thread count or on the other rows of the batch (the driver pads fused chunks to
+// whole row tiles), and a chunk of a single row tile still spreads over the threads.
+//
+// The fused ops take the weight packed for the columns v0:v1 only, and write the weight and bias
+// gradients of those columns into [v1 - v0, D] and [v1 - v0] slices.
 //
 // Registered as torch ops osft_kernels_cpu::{transform_logits, buffer_stats, buffer_grad, fused_stats,
 // fused_grads, build_info}.
@@ -45,6 +50,9 @@ namespace {
 // rows of a tile: oneDNN's bfloat16 brgemm runs fastest at 64 rows, and a chunk of a few hundred rows
 // still splits evenly over the threads
 constexpr int64_t ROW_TILE = 64;
+// vocabulary blocks whose d_hidden products one task sums; a fixed count, so that the summation order
+// does not depend on the number of threads
+constexpr int64_t GROUP_BLOCKS = 8;
 
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr const char* CAPABILITY = "avx512";
@@ -154,10 +162,10 @@ void grad_row(const S* z, S* out, int64_t w, int64_t c0, int64_t target, const G
 }
 
 struct ChunkShape {
-  int64_t rows, dim, v0, v1, row_tiles, blocks;
+  int64_t rows, dim, v0, v1, row_tiles, blocks, groups;
   ChunkShape(int64_t rows_, int64_t dim_, int64_t v0_, int64_t v1_)
       : rows(rows_), dim(dim_), v0(v0_), v1(v1_), row_tiles((rows_ + ROW_TILE - 1) / ROW_TILE),
-        blocks((v1_ - v0_ + VOCAB_BLOCK - 1) / VOCAB_BLOCK) {}
+        blocks((v1_ - v0_ + VOCAB_BLOCK - 1) / VOCAB_BLOCK), groups((blocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS) {}
   int64_t width() const { return v1 - v0; }
   int64_t block_start(int64_t b) const { return v0 + b * VOCAB_BLOCK; }
   int64_t block_end(int64_t b) const { return std::min(v1, v0 + (b + 1) * VOCAB_BLOCK); }
@@ -168,6 +176,7 @@ struct ChunkShape {
 template <typename S>
 struct GivenLogits {
   static constexpr bool fused = false;
+  static constexpr int64_t group_blocks = 1;
   struct Scratch {};
   S* dz_row(S* z, S*) const { return z; }
   void emit_row(Scratch&, int64_t, const S*, int64_t) const {}
@@ -179,6 +188,7 @@ struct GivenLogits {
 // the two gradient products, as on the GPU.
 struct Bf16Products {
   static constexpr bool fused = true;
+  static constexpr int64_t group_blocks = GROUP_BLOCKS;
   // a dz tile in bfloat16, [ROW_TILE, VOCAB_BLOCK]: the left operand of the d_hidden product; a block
   // of odd width w is paired with a zero column
   struct Scratch {
@@ -186,16 +196,18 @@ struct Bf16Products {
   };
   const at::BFloat16* hidden;       // [rows, D]
   const at::BFloat16* hidden_vnni;  // [rows / 2, D, 2], for the weight gradient
-  const at::BFloat16* weight_cols;  // block at column c0 starts at c0 * D: [D / 2, w, 2], for the logits
-  const at::BFloat16* weight_rows;  // block at column c0 starts at c0 * D: [ceil(w / 2), D, 2], for d_hidden
+  // the columns v0:v1 packed, the block at column c0 starting at (c0 - v0) * D: [D / 2, w, 2] for the
+  // logits, [ceil(w / 2), D, 2] for d_hidden
+  const at::BFloat16* weight_cols;
+  const at::BFloat16* weight_rows;
   at::BFloat16* dz_t;               // [v1 - v0, rows]: dz transposed, for the weight and bias gradients
-  int64_t dim, rows;
+  int64_t dim, rows, v0;
 
   // tile [r1 - r0, c1 - c0] (row stride ld) = hidden[r0:r1] @ weight[c0:c1]^T
   void logits(int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* tile, int64_t ld) const {
     const int64_t w = c1 - c0;
-    at::native::cpublas::brgemm(r1 - r0, w, dim, dim, w, ld, false, hidden + r0 * dim, weight_cols + c0 * dim, tile,
-                                true);
+    at::native::cpublas::brgemm(r1 - r0, w, dim, dim, w, ld, false, hidden + r0 * dim,
+                                weight_cols + (c0 - v0) * dim, tile, true);
   }
   // row i of a dz tile goes through a float32 row buffer into the bfloat16 tile
   float* dz_row(float*, float* row_buffer) const { return row_buffer; }
@@ -204,35 +216,32 @@ struct Bf16Products {
     at::vec::convert(dz, row, w);
     if (w % 2) row[w] = at::BFloat16(0.0f);
   }
-  // acc [ROW_TILE, D] += dz tile [r1 - r0, c1 - c0] @ weight[c0:c1]
-  void add_row_grads(at::Tensor& acc, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const Scratch& scratch) const {
+  // acc [ROW_TILE, D] (+)= dz tile [r1 - r0, c1 - c0] @ weight[c0:c1]
+  void add_row_grads(float* acc, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const Scratch& scratch,
+                     bool add) const {
     const int64_t k = (c1 - c0 + 1) / 2 * 2;
-    at::native::cpublas::brgemm(r1 - r0, dim, k, VOCAB_BLOCK, dim, dim, true, scratch.tile.data(),
-                                weight_rows + c0 * dim, acc.data_ptr<float>(), true);
+    at::native::cpublas::brgemm(r1 - r0, dim, k, VOCAB_BLOCK, dim, dim, add, scratch.tile.data(),
+                                weight_rows + (c0 - v0) * dim, acc, true);
   }
-  void keep_dz(const Scratch& scratch, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const ChunkShape& shape) const {
+  void keep_dz(const Scratch& scratch, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
     for (int64_t j = 0; j < c1 - c0; ++j) {
-      at::BFloat16* column = dz_t + (c0 - shape.v0 + j) * rows;
+      at::BFloat16* column = dz_t + (c0 - v0 + j) * rows;
       for (int64_t i = r0; i < r1; ++i) column[i] = scratch.tile[(i - r0) * VOCAB_BLOCK + j];
     }
   }
-  // d_weight[c0:c1] += dz[:, c0:c1]^T @ hidden, d_bias[c0:c1] += the column sums of dz[:, c0:c1]
-  void add_column_grads(int64_t c0, int64_t c1, const ChunkShape& shape, const std::optional<at::Tensor>& d_weight,
-                        const std::optional<at::Tensor>& d_bias) const {
-    const at::BFloat16* block = dz_t + (c0 - shape.v0) * rows;
-    if (d_weight.has_value()) {
-      float* out = d_weight->data_ptr<float>() + c0 * dim;
-      for (int64_t m0 = 0; m0 < c1 - c0; m0 += ROW_TILE) {
-        at::native::cpublas::brgemm(std::min(ROW_TILE, c1 - c0 - m0), dim, rows, rows, dim, dim, true,
-                                    block + m0 * rows, hidden_vnni, out + m0 * dim, true);
-      }
+  // the slices' rows c0 - v0 : c1 - v0: d_weight [v1 - v0, D] += dz[:, c0:c1]^T @ hidden, d_bias [v1 - v0]
+  // += the column sums of dz[:, c0:c1]
+  void add_column_grads(int64_t c0, int64_t c1, float* d_weight, float* d_bias) const {
+    const at::BFloat16* block = dz_t + (c0 - v0) * rows;
+    if (d_weight != nullptr) {
+      at::native::cpublas::brgemm(c1 - c0, dim, rows, rows, dim, dim, true, block, hidden_vnni,
+                                  d_weight + (c0 - v0) * dim, true);
     }
-    if (d_bias.has_value()) {
-      float* out = d_bias->data_ptr<float>();
+    if (d_bias != nullptr) {
       for (int64_t j = 0; j < c1 - c0; ++j) {
         float total = 0;
         for (int64_t i = 0; i < rows; ++i) total += static_cast<float>(block[j * rows + i]);
-        out[c0 + j] += total;
+        d_bias[c0 - v0 + j] += total;
       }
     }
   }
@@ -277,26 +286,44 @@ void stats_tiles(const Products& products, const RowInputs<S>& in, const ChunkSh
   });
 }
 
+// d_hidden [real_rows, D] += the group partials [row_tiles * groups, ROW_TILE, D] of its rows, in group order.
+void add_group_partials(float* d_hidden, const float* partials, int64_t real_rows, int64_t dim, int64_t groups) {
+  using V = at::vec::Vectorized<float>;
+  at::parallel_for(0, real_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* out = d_hidden + i * dim;
+      const float* first = partials + ((i / ROW_TILE) * groups * ROW_TILE + i % ROW_TILE) * dim;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* part = first + g * ROW_TILE * dim;
+        int64_t j = 0;
+        for (; j + V::size() <= dim; j += V::size()) (V::loadu(out + j) + V::loadu(part + j)).store(out + j);
+        for (; j < dim; ++j) out[j] += part[j];
+      }
+    }
+  });
+}
+
 // The logit gradient of the chunk's tiles for coefficients `coef` [real_rows, NUM_STATS]; rows from
-// real_rows on are padding (dz = 0). Given logits: written over them. Fused: each tile's logits are
-// a product (or read from `logits`, transformed), its dz feeds d_hidden, then the columns' gradients.
+// real_rows on are padding (dz = 0). Given logits: written over them, one task per tile. Fused: one
+// task per row tile and group of blocks; each tile's logits are a product (or read from `logits`,
+// transformed), its dz feeds the group's d_hidden partial, then the columns' gradients are formed
+// over all rows, a 64-column slice per task.
 template <typename S, typename Products>
 void grad_tiles(const Products& products, const RowInputs<S>& in, const ChunkShape& shape, const S* stats,
                 const S* coef, bool entropy, bool mean, int64_t vocab_size, int64_t real_rows, S* logits,
-                const std::optional<at::Tensor>& d_hidden, const std::optional<at::Tensor>& d_weight,
-                const std::optional<at::Tensor>& d_bias) {
+                float* d_hidden, float* d_weight, float* d_bias) {
   const S inv_vocab = S(1) / static_cast<S>(vocab_size);
-  const bool columns = d_weight.has_value() || d_bias.has_value();
-  at::parallel_for(0, shape.row_tiles, 1, [&](int64_t begin, int64_t end) {
+  const bool columns = d_weight != nullptr || d_bias != nullptr;
+  const int64_t per_task = Products::group_blocks;
+  const int64_t groups = (shape.blocks + per_task - 1) / per_task;
+  std::vector<float> partials(d_hidden != nullptr ? shape.row_tiles * groups * ROW_TILE * shape.dim : 0);
+  at::parallel_for(0, shape.row_tiles * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<S> buffer(logits == nullptr ? ROW_TILE * VOCAB_BLOCK : 0), row_buffer(VOCAB_BLOCK);
     typename Products::Scratch scratch;
-    // d_hidden of one row tile, summed over the blocks with products of fixed shape
-    at::Tensor acc = at::empty({d_hidden.has_value() ? ROW_TILE : 0, shape.dim},
-                               d_hidden.has_value() ? d_hidden->options() : at::TensorOptions());
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / groups, first = task % groups * per_task;
       const int64_t r0 = t * ROW_TILE, r1 = shape.tile_end(t);
-      acc.zero_();
-      for (int64_t b = 0; b < shape.blocks; ++b) {
+      for (int64_t b = first; b < std::min(shape.blocks, first + per_task); ++b) {
         const int64_t c0 = shape.block_start(b), c1 = shape.block_end(b), w = c1 - c0;
         S* tile = logits != nullptr ? logits + r0 * shape.width() + (c0 - shape.v0) : buffer.data();
         const int64_t ld = logits != nullptr ? shape.width() : VOCAB_BLOCK;
@@ -321,23 +348,23 @@ void grad_tiles(const Products& products, const RowInputs<S>& in, const ChunkSha
           products.emit_row(scratch, i - r0, out, w);
         }
         if constexpr (Products::fused) {
-          if (d_hidden.has_value()) products.add_row_grads(acc, r0, r1, c0, c1, scratch);
-          if (columns) products.keep_dz(scratch, r0, r1, c0, c1, shape);
+          if (d_hidden != nullptr) {
+            products.add_row_grads(partials.data() + task * ROW_TILE * shape.dim, r0, r1, c0, c1, scratch,
+                                   b > first);
+          }
+          if (columns) products.keep_dz(scratch, r0, r1, c0, c1);
         }
-      }
-      if (d_hidden.has_value() && r0 < real_rows) {
-        const int64_t real = std::min(r1, real_rows) - r0;
-        d_hidden->narrow(0, r0, real).add_(acc.narrow(0, 0, real));
       }
     }
     if constexpr (Products::fused) products.release();
   });
   if constexpr (Products::fused) {
+    if (d_hidden != nullptr) add_group_partials(d_hidden, partials.data(), real_rows, shape.dim, groups);
     if (!columns) return;
-    // columns: each vocabulary block's weight and bias gradients, over all rows in order
-    at::parallel_for(0, shape.blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        products.add_column_grads(shape.block_start(b), shape.block_end(b), shape, d_weight, d_bias);
+    at::parallel_for(0, (shape.width() + ROW_TILE - 1) / ROW_TILE, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t slice = begin; slice < end; ++slice) {
+        const int64_t c0 = shape.v0 + slice * ROW_TILE;
+        products.add_column_grads(c0, std::min(shape.v1, c0 + ROW_TILE), d_weight, d_bias);
       }
       products.release();
     });
@@ -443,7 +470,7 @@ void buffer_grad(const at::Tensor& logits, const at::Tensor& targets, const at::
     grad_tiles<scalar_t>(GivenLogits<scalar_t>{},
                          row_inputs<scalar_t>(std::nullopt, targets, inv_temp, softcap, shape.rows, vocab_size),
                          shape, stats.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), entropy, mean, vocab_size,
-                         shape.rows, logits.data_ptr<scalar_t>(), std::nullopt, std::nullopt, std::nullopt);
+                         shape.rows, logits.data_ptr<scalar_t>(), nullptr, nullptr, nullptr);
   });
 }
 
@@ -470,8 +497,9 @@ ChunkShape check_bf16_operands(const at::Tensor& hidden, const at::Tensor& weigh
   return ChunkShape(hidden.size(0), hidden.size(1), v0, v1);
 }
 
-// fused_stats: the block partials and target logits of hidden [r, D] against weight[v0:v1] in bfloat16
-// products, keeping the transformed logits in `logits` [r, v1 - v0] when it is given.
+// fused_stats: the block partials and target logits of hidden [r, D] against weight[v0:v1] ([V, D], for
+// its shape; its columns v0:v1 come packed in `weight_cols`) in bfloat16 products, keeping the
+// transformed logits in `logits` [r, v1 - v0] when it is given.
 void fused_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& weight_cols,
                  const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& inv_temp,
                  double softcap, int64_t v0, int64_t v1, bool entropy, bool mean, bool square,
@@ -480,14 +508,17 @@ void fused_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::T
   const auto in = row_inputs<float>(bias, targets, inv_temp, softcap, shape.rows, weight.size(0));
   check_partials(partials, target_logit, shape, at::kFloat);
   if (logits.has_value()) expect(*logits, at::kFloat, {shape.rows, shape.width()}, "logits");
-  const Bf16Products products{bf16_data(hidden), nullptr, packed(weight_cols, weight.numel(), "weight_cols"), nullptr,
-                              nullptr, shape.dim, shape.rows};
+  const Bf16Products products{bf16_data(hidden), nullptr,
+                              packed(weight_cols, shape.width() * shape.dim, "weight_cols"), nullptr, nullptr,
+                              shape.dim, shape.rows, v0};
   stats_tiles<float>(products, in, shape, entropy, mean, square, partials.data_ptr<float>(), partials.stride(0),
                      target_logit.data_ptr<float>(), logits.has_value() ? logits->data_ptr<float>() : nullptr);
 }
 
-// fused_grads: accumulate the gradients of hidden [real_rows of r], weight and bias for coefficients
-// `coef` [real_rows, NUM_STATS], from the logits kept by fused_stats or recomputed (weight_cols).
+// fused_grads: accumulate the gradients of hidden [real_rows of r] into d_hidden, and of the columns
+// v0:v1 of weight and bias into d_weight [v1 - v0, D] and d_bias [v1 - v0], for coefficients `coef`
+// [real_rows, NUM_STATS], from the logits kept by fused_stats or recomputed (weight_cols); the columns
+// come packed in `weight_cols` and `weight_rows`.
 void fused_grads(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  const at::Tensor& targets, const at::Tensor& inv_temp, double softcap, int64_t v0, int64_t v1,
                  const at::Tensor& stats, const at::Tensor& coef, bool entropy, bool mean, int64_t real_rows,
@@ -500,19 +531,19 @@ void fused_grads(const at::Tensor& hidden, const at::Tensor& weight, const std::
   check_stats(stats, coef, real_rows, shape.rows, at::kFloat);
   if (logits.has_value()) expect(*logits, at::kFloat, {shape.rows, shape.width()}, "logits");
   if (d_hidden.has_value()) expect(*d_hidden, at::kFloat, {real_rows, shape.dim}, "d_hidden");
-  if (d_weight.has_value()) expect(*d_weight, at::kFloat, weight.sizes(), "d_weight");
-  if (d_bias.has_value()) expect(*d_bias, at::kFloat, {weight.size(0)}, "d_bias");
+  if (d_weight.has_value()) expect(*d_weight, at::kFloat, {shape.width(), shape.dim}, "d_weight");
+  if (d_bias.has_value()) expect(*d_bias, at::kFloat, {shape.width()}, "d_bias");
   const bool columns = d_weight.has_value() || d_bias.has_value();
   const Bf16Products products{
       bf16_data(hidden),
       d_weight.has_value() ? packed(hidden_vnni, hidden.numel(), "hidden_vnni") : nullptr,
-      logits.has_value() ? nullptr : packed(weight_cols, weight.numel(), "weight_cols"),
-      d_hidden.has_value() ? packed(weight_rows, weight.numel(), "weight_rows") : nullptr,
+      logits.has_value() ? nullptr : packed(weight_cols, shape.width() * shape.dim, "weight_cols"),
+      d_hidden.has_value() ? packed(weight_rows, (shape.width() + 1) / 2 * 2 * shape.dim, "weight_rows") : nullptr,
       columns ? const_cast<at::BFloat16*>(packed(dz_t, shape.rows * shape.width(), "dz_t")) : nullptr, shape.dim,
-      shape.rows};
+      shape.rows, v0};
+  auto data = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; };
   grad_tiles<float>(products, in, shape, stats.data_ptr<float>(), coef.data_ptr<float>(), entropy, mean,
-                    weight.size(0), real_rows, logits.has_value() ? logits->data_ptr<float>() : nullptr, d_hidden,
-                    d_weight, d_bias);
+                    weight.size(0), real_rows, data(logits), data(d_hidden), data(d_weight), data(d_bias));
 }
 
 // "capability row_tile vocab_block num_stats num_partials", checked against the Python constants at import

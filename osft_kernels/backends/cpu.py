@@ -164,14 +164,17 @@ class CpuKernels:
 
     bfloat16 inputs with even D, where :func:`bfloat16_products` holds: bfloat16 products and the
     epilogue fused in cache-resident tiles (``osft_kernels_cpu::fused_stats`` and ``fused_grads``),
-    the weight packed once per call, in one layout for the logits and one for ``d_hidden``.
+    the columns of the current vocabulary range packed in one layout for the logits and one for
+    ``d_hidden`` (the whole weight where chunks span the vocabulary).
     Otherwise: the CPU BLAS on float32 (float64) chunks, as multithreaded GEMMs reach a higher rate
     than per-tile ones there, with :class:`CppEpilogue`."""
 
     def __init__(self):
         self._fused = False
         self._unfused = driver.GemmEpilogue(CppEpilogue())
-        self._weight_cols = self._weight_rows = self._dz = None
+        self._dz = None
+        self._packed_range: tuple[int, int] | None = None
+        self._packs: dict[str, Tensor] = {}
 
     def gemms(self, weight: Tensor) -> driver.Gemms:
         self._fused = weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and bfloat16_products()
@@ -184,15 +187,15 @@ class CpuKernels:
     def row_align(self, device: torch.device) -> int:
         return extension()[1] if self._fused else self._unfused.row_align(device)
 
-    def _packed_columns(self, layer: OutputLayer) -> Tensor:
-        if self._weight_cols is None:
-            self._weight_cols = vnni_columns(layer.weight)
-        return self._weight_cols
-
-    def _packed_rows(self, layer: OutputLayer) -> Tensor:
-        if self._weight_rows is None:
-            self._weight_rows = vnni_rows(layer.weight, VOCAB_BLOCK)
-        return self._weight_rows
+    def _packed(self, layer: OutputLayer, v0: int, v1: int, layout: str) -> Tensor:
+        """The weight's columns ``v0:v1`` packed for the logits (``"columns"``, :func:`vnni_columns`) or
+        for ``d_hidden`` (``"rows"``, :func:`vnni_rows`), kept until the driver moves to other columns."""
+        if self._packed_range != (v0, v1):
+            self._packed_range, self._packs = (v0, v1), {}
+        if layout not in self._packs:
+            columns = layer.weight[v0:v1]
+            self._packs[layout] = vnni_columns(columns) if layout == "columns" else vnni_rows(columns, VOCAB_BLOCK)
+        return self._packs[layout]
 
     def _dz_t(self, entries: int) -> Tensor:
         """The bfloat16 logit gradient of a chunk, transposed, for the weight and bias gradients."""
@@ -207,7 +210,8 @@ class CpuKernels:
             return self._unfused.block_stats(chunk, layer, v0, v1, buffer, partials, target_logit,
                                              keep_logits=keep_logits, entropy=entropy, mean=mean, square=square)
         logits = buffer[:chunk.rows * (v1 - v0)].view(chunk.rows, v1 - v0) if keep_logits else None
-        torch.ops.osft_kernels_cpu.fused_stats(chunk.hidden, layer.weight, self._packed_columns(layer), layer.bias,
+        torch.ops.osft_kernels_cpu.fused_stats(chunk.hidden, layer.weight, self._packed(layer, v0, v1, "columns"),
+                                               layer.bias,
                                                chunk.targets, _inv_temp(chunk, buffer.dtype), _softcap(layer), v0, v1,
                                                entropy, mean, square, partials, target_logit, logits)
         return logits
@@ -220,15 +224,15 @@ class CpuKernels:
                                     mean=mean)
             return
         rows = stats.shape[0]
-        columns = grads.weight is not None or grads.bias is not None
+        d_weight, d_bias = grads.columns(v0, v1)
         torch.ops.osft_kernels_cpu.fused_grads(
             chunk.hidden, layer.weight, layer.bias, chunk.targets, _inv_temp(chunk, buffer.dtype), _softcap(layer),
             v0, v1, stats.contiguous(), coef.contiguous(), entropy, mean, rows, logits,
-            None if logits is not None else self._packed_columns(layer),
+            None if logits is not None else self._packed(layer, v0, v1, "columns"),
             None if grads.hidden is None else grads.hidden[r0:r0 + rows],
-            None if grads.hidden is None else self._packed_rows(layer), grads.weight, grads.bias,
-            None if grads.weight is None else vnni_rows(chunk.hidden, chunk.rows),
-            self._dz_t(chunk.rows * (v1 - v0)) if columns else None)
+            None if grads.hidden is None else self._packed(layer, v0, v1, "rows"), d_weight, d_bias,
+            None if d_weight is None else vnni_rows(chunk.hidden, chunk.rows),
+            None if d_weight is None and d_bias is None else self._dz_t(chunk.rows * (v1 - v0)))
 
 
 def check_available(device: torch.device) -> None:
