@@ -98,9 +98,9 @@ def plan_chunks(num_rows: int, vocab_size: int, *, entry_bytes: int, memory_budg
                 align: int = ROW_ALIGN) -> ChunkPlan | None:
     """The chunk shape whose buffers (``entry_bytes`` per logit) fit in ``memory_budget`` bytes.
 
-    ``full_rows``: chunks span the whole vocabulary (None if fewer than ``MIN_FULL_ROWS`` and ``align``
-    rows fit); otherwise near-square chunks. The shape depends on V and the budget, never on ``num_rows`` (which only
-    caps the row count at the padded batch). Row counts are multiples of ``align``.
+    ``full_rows``: chunks span the whole vocabulary (None if fewer than ``max(MIN_FULL_ROWS, align)``
+    rows fit); otherwise near-square chunks. The shape depends on V and the budget, never on
+    ``num_rows`` (which only caps the row count at the padded batch). Row counts are multiples of ``align``.
     """
     minimum = entry_bytes * align * min(vocab_size, VOCAB_BLOCK)
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < minimum:
