@@ -189,6 +189,20 @@ class OutputLayer:
         self.softcap = softcap
         self.vocab_size = weight.shape[0]
 
+    @property
+    def kernel_softcap(self) -> float:
+        """The softcap as the C++ and CUDA kernels take it: 0.0 for none."""
+        return 0.0 if self.softcap is None else float(self.softcap)
+
+
+def inverse_temperature(temperature: float | Tensor, rows: int, like: Tensor,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[rows]`` ``1 / temperature`` in ``dtype`` on ``like``'s device, contiguous, for the epilogue
+    kernels (a tensor ``temperature`` has ``rows`` entries)."""
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature.to(dtype)).contiguous()
+    return like.new_full((rows,), 1.0 / temperature, dtype=dtype)
+
 
 @dataclass
 class Chunk:
@@ -222,6 +236,10 @@ class Chunk:
     @property
     def rows(self) -> int:
         return self.hidden.shape[0]
+
+    def inverse_temperature(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[r]`` ``1 / temperature`` of the chunk's rows (see :func:`inverse_temperature`)."""
+        return inverse_temperature(self.temperature, self.rows, self.hidden, dtype)
 
 
 class Epilogue(Protocol):
@@ -413,12 +431,13 @@ class _Driver:
                         entropy: bool, mean: bool) -> None:
         """Recompute every chunk's logits and accumulate the gradients for ``coef [n, NUM_STATS]``: one
         vocabulary range at a time over all token chunks, so that its weight and bias gradients are
-        complete before the next range starts."""
+        complete before the next range starts. The token chunks are prepared once for all ranges."""
         n = stats.shape[0]
+        chunks = [(r0, r1, self.chunk(rows, r0, r1)) for r0, r1 in self.plan.row_ranges(n)]
         for v0, v1 in self.plan.vocab_ranges(self.layer.vocab_size):
-            for r0, r1 in self.plan.row_ranges(n):
-                self.add_grads(grads, self.chunk(rows, r0, r1), v0, v1, None, stats[r0:r1], coef[r0:r1], r0,
-                               entropy=entropy, mean=mean)
+            for r0, r1, padded in chunks:
+                self.add_grads(grads, padded, v0, v1, None, stats[r0:r1], coef[r0:r1], r0, entropy=entropy,
+                               mean=mean)
 
 
 class GradAccumulator:

@@ -128,6 +128,24 @@ def upstream_grads(case):
     return tuple(u[..., :-1] if case["kwargs"].get("shift") else u for u in case["upstream"])
 
 
+def check_batch_invariance(case, **api_kwargs):
+    """A row's logprob and entropy from ``linear_logprobs`` of ``case`` (37 rows, with bias, softcap and a
+    per-row temperature) are bitwise the same alone, in a larger batch, or at another position."""
+    hidden, weight, targets = case["hidden"].detach(), case["weight"], case["targets"]
+    temperature = case["kwargs"]["temperature"]
+    kwargs = dict(bias=case["kwargs"]["bias"].detach(), softcap=case["kwargs"]["softcap"], return_entropy=True,
+                  **api_kwargs)
+    full = linear_logprobs(hidden, weight, targets, temperature=temperature, **kwargs)
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(1)).to(hidden.device)
+    extra = torch.randn(5, hidden.shape[1], device=hidden.device).to(hidden.dtype)
+    bigger = linear_logprobs(torch.cat([extra, hidden[order]]), weight, torch.cat([targets[:5], targets[order]]),
+                             temperature=torch.cat([temperature[:5], temperature[order]]), **kwargs)
+    for name in ("logprobs", "entropy"):
+        assert torch.equal(getattr(bigger, name)[5:], getattr(full, name)[order]), name
+    single = linear_logprobs(hidden[7:8], weight, targets[7:8], temperature=temperature[7:8], **kwargs)
+    assert torch.equal(single.logprobs, full.logprobs[7:8]) and torch.equal(single.entropy, full.entropy[7:8])
+
+
 def check_logprobs_and_entropy(case, bf16_tolerance=BF16_GRAD_TOLERANCE, **api_kwargs):
     """``linear_logprobs(..., return_entropy=True, **api_kwargs)`` and its gradients under random
     upstream gradients on both outputs match the reference."""

@@ -20,6 +20,7 @@ from cases import (
     FEATURES,
     HALF_OPERAND_GRAD_TOLERANCE,
     assert_close,
+    check_batch_invariance,
     check_cross_entropy,
     check_logprobs_and_entropy,
     grads,
@@ -144,20 +145,8 @@ def test_forward_is_batch_invariant(grad, budget):
     """A row's logprob and entropy are bitwise the same alone, in a larger batch, or at another position."""
     _, d, v = MULTI_BLOCK
     case = triton_case((37,), d, v, torch.bfloat16, "softcap")
-    hidden, weight, targets = (case[k].detach() for k in ("hidden", "weight", "targets"))
-    weight.requires_grad_(grad)
-    temperature = case["kwargs"]["temperature"]
-    kwargs = dict(bias=case["kwargs"]["bias"].detach(), softcap=case["kwargs"]["softcap"], return_entropy=True,
-                  backend="triton", memory_budget=budget)
-    full = linear_logprobs(hidden, weight, targets, temperature=temperature, **kwargs)
-    order = torch.randperm(37, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    extra = torch.randn(5, d, device=DEVICE).to(hidden.dtype)
-    bigger = linear_logprobs(torch.cat([extra, hidden[order]]), weight, torch.cat([targets[:5], targets[order]]),
-                             temperature=torch.cat([temperature[:5], temperature[order]]), **kwargs)
-    for name in ("logprobs", "entropy"):
-        assert torch.equal(getattr(bigger, name)[5:], getattr(full, name)[order]), name
-    single = linear_logprobs(hidden[7:8], weight, targets[7:8], temperature=temperature[7:8], **kwargs)
-    assert torch.equal(single.logprobs, full.logprobs[7:8]) and torch.equal(single.entropy, full.entropy[7:8])
+    case["weight"] = case["weight"].detach().requires_grad_(grad)
+    check_batch_invariance(case, backend="triton", memory_budget=budget)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -18,8 +18,6 @@ variant that ATen uses on this CPU (``torch.backends.cpu.get_cpu_capability()``,
 ``ATEN_CPU_CAPABILITY``).
 """
 import functools
-import importlib.machinery
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -27,8 +25,8 @@ from torch import Tensor
 from .. import driver
 from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, GradAccumulator, OutputLayer
 from ..row_stats import NUM_STATS
+from .libraries import library_path
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
 VARIANTS = ("avx512", "avx2", "default")  # widest first
 BUILD_HINT = ("build it with a C++ compiler: pip install --no-build-isolation -e . (or pip install . with the "
               "pinned torch of pyproject.toml)")
@@ -40,21 +38,13 @@ def machine_variant() -> str:
     return capability if capability in VARIANTS else "default"
 
 
-def _variant_path(name: str) -> Path | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = PACKAGE_DIR / f"_cpu_{name}{suffix}"
-        if path.exists():
-            return path
-    return None
-
-
 @functools.cache
 def extension() -> tuple[str | None, int, str]:
     """``(variant, row_tile, message)``: the loaded extension variant (None if none could be loaded),
     the row multiple its tiles need, and why it is missing."""
     usable = VARIANTS[VARIANTS.index(machine_variant()):]
     for name in usable:
-        path = _variant_path(name)
+        path = library_path(f"_cpu_{name}")
         if path is None:
             continue
         try:
@@ -71,17 +61,6 @@ def extension() -> tuple[str | None, int, str]:
 
 def available() -> bool:
     return extension()[0] is not None
-
-
-def _inv_temp(chunk: Chunk, dtype: torch.dtype) -> Tensor:
-    """``[r]`` ``1 / temperature`` in the compute dtype."""
-    if isinstance(chunk.temperature, Tensor):
-        return (1.0 / chunk.temperature.to(dtype)).contiguous()
-    return torch.full((chunk.rows,), 1.0 / chunk.temperature, dtype=dtype)
-
-
-def _softcap(layer: OutputLayer) -> float:
-    return 0.0 if layer.softcap is None else float(layer.softcap)
 
 
 def _block_ranges(vocab_size: int):
@@ -142,7 +121,8 @@ class CppEpilogue:
         return 4
 
     def logits(self, raw: Tensor, layer: OutputLayer, chunk: Chunk, v0: int) -> Tensor:
-        torch.ops.osft_kernels_cpu.transform_logits(raw, layer.bias, _inv_temp(chunk, raw.dtype), _softcap(layer), v0)
+        torch.ops.osft_kernels_cpu.transform_logits(raw, layer.bias, chunk.inverse_temperature(raw.dtype),
+                                                    layer.kernel_softcap, v0)
         return raw
 
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
@@ -154,8 +134,9 @@ class CppEpilogue:
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
         if grad_dtype != z.dtype:
             raise TypeError(f"the C++ epilogue writes the gradient in the compute dtype {z.dtype}, not {grad_dtype}")
-        torch.ops.osft_kernels_cpu.buffer_grad(z, chunk.targets, _inv_temp(chunk, z.dtype), _softcap(layer), v0,
-                                               layer.vocab_size, stats.contiguous(), coef.contiguous(), entropy, mean)
+        torch.ops.osft_kernels_cpu.buffer_grad(z, chunk.targets, chunk.inverse_temperature(z.dtype),
+                                               layer.kernel_softcap, v0, layer.vocab_size, stats.contiguous(),
+                                               coef.contiguous(), entropy, mean)
         return z
 
 
@@ -175,6 +156,7 @@ class CpuKernels:
         self._dz = None
         self._packed_range: tuple[int, int] | None = None
         self._packs: dict[str, Tensor] = {}
+        self._hidden_pack: tuple[Tensor, Tensor] | None = None
 
     def gemms(self, weight: Tensor) -> driver.Gemms:
         self._fused = weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and bfloat16_products()
@@ -197,6 +179,13 @@ class CpuKernels:
             self._packs[layout] = vnni_columns(columns) if layout == "columns" else vnni_rows(columns, VOCAB_BLOCK)
         return self._packs[layout]
 
+    def _packed_hidden(self, chunk: Chunk) -> Tensor:
+        """The chunk's hidden rows packed for the weight gradient (:func:`vnni_rows`), kept while the
+        driver stays on that chunk (the recompute backward visits it once per vocabulary range)."""
+        if self._hidden_pack is None or self._hidden_pack[0] is not chunk.hidden:
+            self._hidden_pack = (chunk.hidden, vnni_rows(chunk.hidden, chunk.rows))
+        return self._hidden_pack[1]
+
     def _dz_t(self, entries: int) -> Tensor:
         """The bfloat16 logit gradient of a chunk, transposed, for the weight and bias gradients."""
         if self._dz is None or self._dz.numel() < entries:
@@ -211,9 +200,9 @@ class CpuKernels:
                                              keep_logits=keep_logits, entropy=entropy, mean=mean, square=square)
         logits = buffer[:chunk.rows * (v1 - v0)].view(chunk.rows, v1 - v0) if keep_logits else None
         torch.ops.osft_kernels_cpu.fused_stats(chunk.hidden, layer.weight, self._packed(layer, v0, v1, "columns"),
-                                               layer.bias,
-                                               chunk.targets, _inv_temp(chunk, buffer.dtype), _softcap(layer), v0, v1,
-                                               entropy, mean, square, partials, target_logit, logits)
+                                               layer.bias, chunk.targets, chunk.inverse_temperature(buffer.dtype),
+                                               layer.kernel_softcap, v0, v1, entropy, mean, square, partials,
+                                               target_logit, logits)
         return logits
 
     def add_grads(self, grads: GradAccumulator, chunk: Chunk, layer: OutputLayer, v0: int, v1: int,
@@ -226,12 +215,12 @@ class CpuKernels:
         rows = stats.shape[0]
         d_weight, d_bias = grads.columns(v0, v1)
         torch.ops.osft_kernels_cpu.fused_grads(
-            chunk.hidden, layer.weight, layer.bias, chunk.targets, _inv_temp(chunk, buffer.dtype), _softcap(layer),
-            v0, v1, stats.contiguous(), coef.contiguous(), entropy, mean, rows, logits,
+            chunk.hidden, layer.weight, layer.bias, chunk.targets, chunk.inverse_temperature(buffer.dtype),
+            layer.kernel_softcap, v0, v1, stats.contiguous(), coef.contiguous(), entropy, mean, rows, logits,
             None if logits is not None else self._packed(layer, v0, v1, "columns"),
             None if grads.hidden is None else grads.hidden[r0:r0 + rows],
             None if grads.hidden is None else self._packed(layer, v0, v1, "rows"), d_weight, d_bias,
-            None if d_weight is None else vnni_rows(chunk.hidden, chunk.rows),
+            None if d_weight is None else self._packed_hidden(chunk),
             None if d_weight is None and d_bias is None else self._dz_t(chunk.rows * (v1 - v0)))
 
 

@@ -11,8 +11,6 @@ The extension ``osft_kernels/_cuda*.so`` is built by ``setup.py`` when torch is 
 nvcc is found (``make cuda-build`` on a machine without a GPU).
 """
 import functools
-import importlib.machinery
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,19 +18,11 @@ from torch import Tensor
 from .. import driver
 from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer
 from ..row_stats import NUM_STATS
+from .libraries import library_path
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BUILD_HINT = ("build it next to a CUDA build of torch with nvcc on PATH: pip install --no-build-isolation -e . "
               "(or make cuda-build)")
-
-
-def _library_path() -> Path | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = PACKAGE_DIR / f"_cuda{suffix}"
-        if path.exists():
-            return path
-    return None
 
 
 @functools.cache
@@ -40,7 +30,7 @@ def extension() -> str:
     """Why the CUDA extension's ops cannot be used ("" once they are loaded)."""
     if torch.version.cuda is None:
         return f"this torch {torch.__version__} is not a CUDA build"
-    path = _library_path()
+    path = library_path("_cuda")
     if path is None:
         return f"osft_kernels was installed without its CUDA extension; {BUILD_HINT}"
     try:
@@ -69,17 +59,6 @@ def check_inputs(hidden: Tensor) -> None:
         raise ValueError(f"backend 'cuda' is not available: {extension()}")
 
 
-def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
-    """``[rows]`` float32 ``1 / temperature`` on ``like``'s device."""
-    if isinstance(temperature, Tensor):
-        return (1.0 / temperature.float()).contiguous()
-    return like.new_full((rows,), 1.0 / temperature, dtype=torch.float32)
-
-
-def _softcap(layer: OutputLayer) -> float:
-    return 0.0 if layer.softcap is None else float(layer.softcap)
-
-
 class CudaEpilogue:
     """The :class:`osft_kernels.driver.Epilogue` as two CUDA kernels; the logits buffer is the only
     work memory (the gradient is written over it)."""
@@ -93,17 +72,17 @@ class CudaEpilogue:
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
                     target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
         torch.ops.osft_kernels_cuda.block_stats(z, partials, target_logit, chunk.targets.contiguous(),
-                                                _inv_temp(chunk.temperature, z.shape[0], z), layer.bias,
-                                                _softcap(layer), v0, entropy, mean, square)
+                                                chunk.inverse_temperature(), layer.bias,
+                                                layer.kernel_softcap, v0, entropy, mean, square)
 
     def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
         # the gradient row is written over the first bytes of its own logits row
         dz = z.view(grad_dtype)[:, :z.shape[1]] if grad_dtype != z.dtype else z
         torch.ops.osft_kernels_cuda.logit_grad(z, dz, chunk.targets.contiguous(),
-                                               _inv_temp(chunk.temperature, z.shape[0], z),
+                                               chunk.inverse_temperature(),
                                                stats.float().contiguous(), coef.float().contiguous(), layer.bias,
-                                               _softcap(layer), v0, layer.vocab_size, entropy, mean)
+                                               layer.kernel_softcap, v0, layer.vocab_size, entropy, mean)
         return dz
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import driver
-from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer, ceil_div
+from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer, ceil_div, inverse_temperature
 from ..inputs import BackendOptions, TokenRows, wants_grad
 from ..row_stats import NUM_STATS
 from ..triton_kernels import configs
@@ -43,13 +43,6 @@ def check_inputs(hidden: Tensor) -> None:
                          f"(set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)")
     if hidden.device.type == "cuda":
         configs.device_arch(hidden.device)
-
-
-def _inv_temp(temperature: float | Tensor, rows: int, like: Tensor) -> Tensor:
-    """``[rows]`` float32 ``1 / temperature``."""
-    if isinstance(temperature, Tensor):
-        return (1.0 / temperature.float()).contiguous()
-    return like.new_full((rows,), 1.0 / temperature, dtype=torch.float32)
 
 
 def launch_block_stats(z: Tensor, partials: Tensor, target_logit: Tensor, targets: Tensor, inv_temp: Tensor,
@@ -93,14 +86,14 @@ class TritonEpilogue:
 
     def block_stats(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, partials: Tensor,
                     target_logit: Tensor, *, entropy: bool, mean: bool, square: bool) -> None:
-        launch_block_stats(z, partials, target_logit, chunk.targets, _inv_temp(chunk.temperature, z.shape[0], z),
+        launch_block_stats(z, partials, target_logit, chunk.targets, chunk.inverse_temperature(),
                            layer.bias, layer.softcap, v0, entropy=entropy, mean=mean, square=square)
 
     def logit_grad(self, z: Tensor, layer: OutputLayer, chunk: Chunk, v0: int, stats: Tensor, coef: Tensor,
                    grad_dtype: torch.dtype, *, entropy: bool, mean: bool) -> Tensor:
         # the gradient row is written over the first bytes of its own logits row
         dz = z.view(grad_dtype)[:, :z.shape[1]] if grad_dtype != z.dtype else z
-        launch_logit_grad(z, dz, chunk.targets, _inv_temp(chunk.temperature, z.shape[0], z),
+        launch_logit_grad(z, dz, chunk.targets, chunk.inverse_temperature(),
                           stats.float().contiguous(), coef.float().contiguous(), layer.bias, layer.softcap, v0,
                           layer.vocab_size, entropy=entropy, mean=mean)
         return dz
@@ -122,7 +115,7 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     grid = (ceil_div(n, config.kwargs["BLOCK_N"]) * num_chunks,)
     row_partials_kernel[grid](
         hidden, weight, bias if bias is not None else stats, rows.targets.contiguous(),
-        _inv_temp(rows.temperature, n, hidden), stats, partials, n, d, v, hidden.stride(0), weight.stride(0),
+        inverse_temperature(rows.temperature, n, hidden), stats, partials, n, d, v, hidden.stride(0), weight.stride(0),
         1.0 if softcap is None else float(softcap), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         MEAN=mean, ENTROPY=entropy, SQUARE=square, STATS=NUM_STATS, PARTIALS=NUM_PARTIALS, UPCAST=configs.INTERPRETING,
         INPUT_PRECISION=configs.input_precision(hidden.dtype),
