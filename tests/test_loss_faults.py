@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 from osft_kernels.losses import (
     aggregate,
@@ -386,24 +387,20 @@ def test_grpo_loss_with_trl_options_matches_trl_in_float64(loss_type):
 # ---------------------------------------------------------------------------------------------
 # num_items across data-parallel ranks
 
-def _ddp_worker(rank, world_size, init_file, token_loss, mask, expected):
+def _ddp_worker(rank, world_size, token_loss, mask, expected):
     import torch.distributed as dist
 
     from osft_kernels.losses import ddp_num_items
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        rows = slice(0, 1) if rank == 0 else slice(1, None)  # ranks with different token counts
-        param = torch.ones((), dtype=F64, requires_grad=True)
-        local_mask = mask[rows]
-        num_items = ddp_num_items(local_mask.sum())
-        assert num_items == mask.sum().item() / world_size
-        loss = aggregate(param * token_loss[rows], local_mask, "token-mean", num_items=num_items)
-        (grad,) = torch.autograd.grad(loss, param)
-        dist.all_reduce(grad)
-        grad /= world_size  # what DDP does to gradients
-        assert abs(grad.item() - expected) <= 1e-12, (grad.item(), expected)
-    finally:
-        dist.destroy_process_group()
+    rows = slice(0, 1) if rank == 0 else slice(1, None)  # ranks with different token counts
+    param = torch.ones((), dtype=F64, requires_grad=True)
+    local_mask = mask[rows]
+    num_items = ddp_num_items(local_mask.sum())
+    assert num_items == mask.sum().item() / world_size
+    loss = aggregate(param * token_loss[rows], local_mask, "token-mean", num_items=num_items)
+    (grad,) = torch.autograd.grad(loss, param)
+    dist.all_reduce(grad)
+    grad /= world_size  # what DDP does to gradients
+    assert abs(grad.item() - expected) <= 1e-12, (grad.item(), expected)
 
 
 def test_ddp_num_items_with_averaged_gradients_gives_the_full_batch_gradient(tmp_path):
@@ -415,7 +412,7 @@ def test_ddp_num_items_with_averaged_gradients_gives_the_full_batch_gradient(tmp
     assert ddp_num_items(7) == 7.0 and ddp_num_items(0) == 1.0  # one process: the count itself
     with pytest.raises(ValueError, match="local_count must be a finite number >= 0"):
         ddp_num_items(-1)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), token_loss, mask, expected), nprocs=2)
+    run_ranks(_ddp_worker, 2, tmp_path, token_loss, mask, expected)
 
 
 @pytest.mark.parametrize("normalize", ["tokens", "sequences"])

@@ -4,7 +4,7 @@ gradient of the whole batch, ``lm_head`` included (calling the decoder and the l
 the wrapper and leaves the output layer's gradients unsynchronized)."""
 import pytest
 import torch
-import torch.distributed as dist
+from gloo_ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,28 +40,23 @@ def _wrapped(model, wrapper: str):
     return fully_shard(model)  # lm_head in the root unit
 
 
-def _worker(rank: int, world_size: int, init_file: str, result_file: str, wrapper: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = _wrapped(patch(tiny_model()), wrapper)
-        input_ids, labels = batch()
-        mine = slice(2 * rank, 2 * rank + 2)
-        local_items = int((labels[mine, 1:] != -100).sum())
-        loss = model(input_ids=input_ids[mine], labels=labels[mine],
-                     num_items_in_batch=ddp_num_items(local_items)).loss
-        loss.backward()
-        module = model.module if wrapper == "ddp" else model
-        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                 for name, p in module.named_parameters()}
-        torch.save(grads, f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int, result_file: str, wrapper: str):
+    model = _wrapped(patch(tiny_model()), wrapper)
+    input_ids, labels = batch()
+    mine = slice(2 * rank, 2 * rank + 2)
+    local_items = int((labels[mine, 1:] != -100).sum())
+    loss = model(input_ids=input_ids[mine], labels=labels[mine],
+                 num_items_in_batch=ddp_num_items(local_items)).loss
+    loss.backward()
+    module = model.module if wrapper == "ddp" else model
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in module.named_parameters()}
+    torch.save(grads, f"{result_file}.{rank}")
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_two_ranks_give_every_rank_the_whole_batch_gradient(tmp_path, wrapper):
-    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grads"), wrapper),
-                                nprocs=2)
+    run_ranks(_worker, 2, tmp_path, str(tmp_path / "grads"), wrapper)
     ranks = [torch.load(tmp_path / f"grads.{rank}") for rank in range(2)]
 
     model = tiny_model()  # unpatched, one process, the whole batch
