@@ -46,6 +46,8 @@ class RolloutConfig:
     max_new_tokens: int = 256
     top_p: float = 1.0
     batch_size: int = 16                 # prompts per generate() call (hf engine)
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"  # hf engine: generate under bfloat16 autocast;
+    # auto: when the weights are float32 and the device multiplies bfloat16 natively (osft.model.native_bfloat16)
     mask_truncated_completions: bool = False  # osft, grpo: completions cut at max_new_tokens get no loss
     vllm_memory_fraction: float = 0.3    # vLLM's gpu_memory_utilization
 
@@ -266,6 +268,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if config.osft.tau_s_start > config.osft.tau_t:
         raise ConfigError(f"osft.tau_s_start ({config.osft.tau_s_start}) above osft.tau_t ({config.osft.tau_t}) "
                           "trains toward a flatter distribution; OSFT needs tau_s <= tau_t")
+    if config.rollout.engine == "vllm" and config.rollout.autocast == "bfloat16":
+        raise ConfigError("rollout.autocast applies to the hf engine; vLLM generates in model.dtype "
+                          "(set model.dtype=bfloat16 there)")
     if config.recipe == "grpo" and config.grpo.num_generations < 2:
         raise ConfigError(f"grpo.num_generations must be >= 2 (GRPO compares the rollouts of a group), "
                           f"got {config.grpo.num_generations}")

@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .config import Config, DataConfig, EvalConfig, GRPOConfig, ModelConfig, Opt
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import load_causal_lm
 from .packaged import resolve_model_path
+from .rollout import generation_autocast
 from .tasks import MAX_DIFFICULTY, write_task
 from .train import seed_everything, train
 
@@ -49,6 +51,8 @@ _HELP = {
     "eval_every": "evaluate every N steps (0: only at the end)",
     "ablation": "also run OSFT with tau_s = tau_t = 1",
     "backend": "the fused loss's backend: auto, torch, triton, reference",
+    "autocast": "generation (rollouts and evaluation) under bfloat16 autocast: bfloat16, off, or auto (where "
+                "the hardware multiplies bfloat16 natively: AVX512-BF16 or AMX CPUs, CUDA GPUs)",
 }
 
 
@@ -71,6 +75,7 @@ class DemoSettings:
     eval_every: int = 3
     ablation: bool = False
     backend: str = "auto"
+    autocast: str = "auto"
 
     def __post_init__(self):
         for name in ("train_prompts", "eval_prompts", "eval_samples", "prompts_per_step", "max_new_tokens"):
@@ -89,6 +94,8 @@ class DemoSettings:
             raise ValueError(f"--tau-s must be in (0, 1] (OSFT samples at or below tau_t = 1), got {self.tau_s}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.autocast not in typing.get_args(typing.get_type_hints(RolloutConfig)["autocast"]):
+            raise ValueError(f"--autocast must be auto, bfloat16 or off, got {self.autocast!r}")
 
 
 def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir: Path, **changes) -> Config:
@@ -98,7 +105,8 @@ def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir
         prompts_per_step=settings.prompts_per_step, max_steps=math.ceil(settings.train_prompts / settings.prompts_per_step),
         model=ModelConfig(path=model_path, dtype="float32", backend=settings.backend),
         data=DataConfig(train=str(task_dir / "train.jsonl")),
-        rollout=RolloutConfig(max_new_tokens=settings.max_new_tokens, batch_size=64, mask_truncated_completions=True),
+        rollout=RolloutConfig(max_new_tokens=settings.max_new_tokens, batch_size=64, mask_truncated_completions=True,
+                              autocast=settings.autocast),
         optim=OptimConfig(lr=settings.lr, weight_decay=0.0, micro_batch_tokens=4096),
         osft=OSFTConfig(tau_s_start=settings.tau_s, tau_s_end=settings.tau_s, tau_t=1.0),
         grpo=GRPOConfig(num_generations=settings.num_generations, temperature=1.0),
@@ -134,6 +142,9 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     phase = time.perf_counter()
     seed_everything(settings.seed)
     lm = load_causal_lm(base_config.model, device)
+    generation = generation_autocast(lm.model, settings.autocast) or lm.model.dtype
+    results["generation_dtype"] = str(generation).removeprefix("torch.")
+    print(f"generation in {results['generation_dtype']}, training in {str(lm.model.dtype).removeprefix('torch.')}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
         print("base model: evaluating")

@@ -31,6 +31,15 @@ class CausalLM:
         return self.model.device
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware, faster than float32: a CUDA GPU with
+    bfloat16 support, or a CPU with AVX512-BF16 or AMX (oneDNN runs torch's bfloat16 products there;
+    elsewhere they are emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

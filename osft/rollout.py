@@ -4,6 +4,7 @@ An engine returns, per completion, its token ids (ending with EOS unless truncat
 logprob of each token under the temperature-scaled distribution it was drawn from, and whether it
 hit ``max_new_tokens`` before EOS. :func:`make_engine` picks one from ``rollout.engine``.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 from rich.progress import Progress
 
 from .config import Config, RolloutConfig
-from .model import CausalLM
+from .model import CausalLM, native_bfloat16
 from .packaged import resolve_model_path
 
 
@@ -30,11 +31,24 @@ def completion_metrics(completions: list[Completion]) -> dict[str, float]:
             "completions/clipped_ratio": sum(c.truncated for c in completions) / len(completions)}
 
 
+def generation_autocast(model: torch.nn.Module, setting: str) -> torch.dtype | None:
+    """The dtype that ``rollout.autocast`` (``setting``) makes ``model`` generate in under
+    ``torch.autocast``, or None to generate in the weights' own dtype."""
+    if setting == "off" or model.dtype != torch.float32:
+        return None
+    if setting == "bfloat16" or native_bfloat16(model.device):
+        return torch.bfloat16
+    return None
+
+
 class HFGenerateEngine:
-    """Batched ``model.generate`` sampling (left-padded prompts), with ``top_p`` and ``max_new_tokens``."""
+    """Batched ``model.generate`` sampling (left-padded prompts), with ``top_p`` and ``max_new_tokens``,
+    under bfloat16 autocast where ``rollout.autocast`` says so (:func:`generation_autocast`): the
+    logprobs are then those of the distribution actually sampled from."""
 
     def __init__(self, lm: CausalLM, config: RolloutConfig):
         self.lm, self.config = lm, config
+        self.autocast = generation_autocast(lm.model, config.autocast)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
@@ -59,10 +73,14 @@ class HFGenerateEngine:
                 attention_mask[i, width - len(prompt):] = 1
             sampling = {"do_sample": True, "temperature": temperature, "top_p": self.config.top_p, "top_k": 0} \
                 if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                 **sampling,
-                                 max_new_tokens=self.config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+            precision = torch.autocast(model.device.type, dtype=self.autocast) if self.autocast is not None \
+                else contextlib.nullcontext()
+            with precision:
+                out = model.generate(input_ids=input_ids.to(model.device),
+                                     attention_mask=attention_mask.to(model.device), **sampling,
+                                     max_new_tokens=self.config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                                     return_dict_in_generate=True)
             new_tokens = out.sequences[:, width:]
             # scores are the processed logits (after temperature and top-p) of each sampling step
             logprobs = torch.stack([step.float().log_softmax(-1).gather(1, new_tokens[:, t, None]).squeeze(1)

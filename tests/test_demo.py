@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from osft import packaged
 from osft.demo import DemoSettings, format_table, run_demo
+from osft.model import native_bfloat16
 
 TINY = {"train_prompts": 4, "prompts_per_step": 2, "num_generations": 2, "eval_prompts": 3, "eval_samples": 2,
         "max_new_tokens": 6, "eval_every": 1, "lr": 1e-3}
@@ -53,6 +55,7 @@ def test_demo_writes_its_outputs_and_the_same_seed_gives_the_same_table(tmp_path
                            progress=False)
         check_outputs(run_dir, results, ablation=True)
         assert results["loss_backend"] == "cpu" and results["device"] == "cpu"
+        assert results["generation_dtype"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
         tables.append(format_table(results))
     assert tables[0] == tables[1]
     other = run_demo(DemoSettings(model=str(model_dir), run_dir=str(tmp_path / "seed1"), seed=1, **TINY),
@@ -79,7 +82,7 @@ def test_demo_command_on_the_packaged_model(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     check_outputs(run_dir, results, ablation=False)
     assert results["settings"]["model"] == "smollm2-135m"
-    assert "fused loss backend: cpu" in result.stdout
+    assert "fused loss backend: cpu" in result.stdout and "training in float32" in result.stdout
     assert "| GRPO (2 rollouts/prompt) |" in result.stdout
     cached = Path(packaged.resolve_model_path("smollm2-135m"))
     config = json.loads((cached / "config.json").read_text())
@@ -90,7 +93,8 @@ def test_demo_command_on_the_packaged_model(tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--train-prompts", "0", "--train-prompts must be >= 1"), ("--num-generations", "1", "--num-generations must be >= 2"),
     ("--tau-s", "1.5", r"--tau-s must be in \(0, 1\]"), ("--lr", "0", "--lr must be a finite number > 0"),
-    ("--eval-every", "-1", "--eval-every must be >= 0")])
+    ("--eval-every", "-1", "--eval-every must be >= 0"),
+    ("--autocast", "float16", "--autocast must be auto, bfloat16 or off")])
 def test_demo_refuses_bad_flags(flag, value, message):
     result = subprocess.run([sys.executable, "-m", "osft", "demo", flag, value], capture_output=True, text=True,
                             check=False, timeout=120)

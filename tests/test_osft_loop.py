@@ -1,6 +1,7 @@
 """The `osft` training loop on a tiny model built from a config: configuration errors, the sft and
 osft recipes end to end, the loss going through the fused op exactly, micro-batching, and resuming a
 killed run."""
+import copy
 import json
 import math
 import os
@@ -59,6 +60,14 @@ def final_weights(run_dir):
 def test_bad_config_is_refused_with_the_key(tmp_path, model_dir, data_file, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*base_overrides(model_dir, data_file, tmp_path), override])
+
+
+def test_bfloat16_autocast_is_refused_for_the_vllm_engine(tmp_path, model_dir, data_file):
+    with pytest.raises(ConfigError, match="rollout.autocast applies to the hf engine"):
+        load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.engine=vllm",
+                           "rollout.autocast=bfloat16"])
+    config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.engine=vllm"])
+    assert config.rollout.autocast == "auto"
 
 
 def test_config_values_and_overrides(tmp_path, model_dir, data_file):
@@ -438,7 +447,7 @@ def test_greedy_generation_is_the_argmax_path(model_dir):
 
     lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
     prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6]]
-    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=6, batch_size=2))
+    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=6, batch_size=2, autocast="off"))
     torch.manual_seed(1)
     first = engine.generate(prompts, temperature=0.0)
     torch.manual_seed(2)
@@ -451,6 +460,39 @@ def test_greedy_generation_is_the_argmax_path(model_dir):
             assert token == int(logits.argmax())
             assert logprob == pytest.approx(float(logits.log_softmax(-1)[token]), abs=1e-4)
             ids.append(token)
+
+
+def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
+    """Under rollout.autocast=bfloat16 the float32 model samples through bfloat16 products, and each
+    recorded logprob is that of the bfloat16 distribution (a teacher-forced pass under the same autocast
+    gives it back), not the float32 one; ``auto`` picks it only for float32 weights on hardware that
+    multiplies bfloat16 natively."""
+    from osft.config import ModelConfig, RolloutConfig
+    from osft.model import native_bfloat16
+    from osft.rollout import HFGenerateEngine, generation_autocast
+
+    lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
+    assert generation_autocast(lm.model, "off") is None
+    assert generation_autocast(lm.model, "auto") == (torch.bfloat16 if native_bfloat16(lm.device) else None)
+    assert generation_autocast(copy.deepcopy(lm.model).bfloat16(), "bfloat16") is None  # already bfloat16
+    with torch.no_grad():  # a sharper distribution than the tiny model's, so that bfloat16 shows
+        lm.model.lm_head.weight.mul_(6.0)
+    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=8, batch_size=3, autocast="bfloat16"))
+    prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6], [7, 8, 9, 10]]
+    torch.manual_seed(0)
+    completions = engine.generate(prompts, temperature=1.0)
+    gaps_to_float32 = []
+    for prompt, completion in zip(prompts, completions):
+        ids = torch.tensor([list(prompt) + completion.token_ids])
+        targets = ids[0, len(prompt):]
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = lm.model(ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+            full = lm.model(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1)
+        recorded = torch.tensor(completion.logprobs, dtype=torch.float64)
+        torch.testing.assert_close(recorded, half.gather(1, targets[:, None])[:, 0].double(), rtol=0, atol=1e-3)
+        gaps_to_float32.append((recorded - full.gather(1, targets[:, None])[:, 0]).abs().max())
+    assert max(gaps_to_float32) > 2e-3  # bfloat16 products did run (the float32 logprobs are further off)
 
 
 @pytest.mark.parametrize("recipe_name", ["osft", "grpo"])
