@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from osft_kernels.backends import resolve_backend
+from osft_kernels import backend_name
 
 from .config import Config, DataConfig, EvalConfig, GRPOConfig, ModelConfig, OptimConfig, OSFTConfig, RolloutConfig
 from .evaluate import append_eval, evaluate, load_eval_rows
@@ -128,7 +128,7 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = resolve_backend(settings.backend, device).__name__.rsplit(".", 1)[-1]
+    backend = backend_name(settings.backend, device)
     model_path = resolve_model_path(settings.model)
     task_dir = run_dir / "task"
     write_task(task_dir, seed=settings.seed, train_size=settings.train_prompts, eval_size=settings.eval_prompts,

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from osft_kernels.integrations.head import OutputHead, output_head
 
 from .config import ConfigError, ModelConfig
+from .data import Sequences
 from .packaged import PACKAGED_MODELS, resolve_model_path
 
 
@@ -18,6 +19,7 @@ from .packaged import PACKAGED_MODELS, resolve_model_path
 class CausalLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    backend: str = "auto"  # the fused losses' backend (model.backend)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head."""
@@ -25,6 +27,16 @@ class CausalLM:
 
     def head(self) -> OutputHead:
         return output_head(self.model)
+
+    def fused_inputs(self, batch: Sequences, temperature: float = 1.0) -> dict:
+        """The arguments every fused op and loss of ``osft_kernels`` shares, for ``batch`` at
+        ``temperature``: the decoder's hidden states ``[B, T, D]``, the output layer (weight, bias,
+        softcap), the labels as targets with ``shift=True``, the temperature times the model's logit
+        scaling, and the backend. Pass them as ``**`` keywords."""
+        head = self.head()
+        return {"hidden": self.hidden_states(batch.input_ids, batch.attention_mask), "weight": head.weight,
+                "targets": batch.labels, "bias": head.bias, "softcap": head.softcap,
+                "temperature": temperature * head.temperature_scale, "shift": True, "backend": self.backend}
 
     @property
     def device(self) -> torch.device:
@@ -87,4 +99,4 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     output_head(model)  # refuse unsupported heads before any work
-    return CausalLM(model, tokenizer)
+    return CausalLM(model, tokenizer, backend=config.backend)

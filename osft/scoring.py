@@ -13,12 +13,9 @@ from .model import CausalLM, load_causal_lm
 
 
 @torch.no_grad()
-def target_logprobs(lm: CausalLM, batch: Sequences, *, temperature: float, backend: str = "auto") -> Tensor:
+def target_logprobs(lm: CausalLM, batch: Sequences, *, temperature: float) -> Tensor:
     """``log p(labels[:, t + 1])`` at ``temperature``, ``[B, T - 1]`` float32, 0 at non-target positions."""
-    head = lm.head()
-    hidden = lm.hidden_states(batch.input_ids, batch.attention_mask)
-    return linear_logprobs(hidden, head.weight, batch.labels, bias=head.bias, softcap=head.softcap, shift=True,
-                           temperature=temperature * head.temperature_scale, backend=backend).logprobs
+    return linear_logprobs(**lm.fused_inputs(batch, temperature)).logprobs
 
 
 def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Path:
@@ -37,7 +34,7 @@ def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Pat
         chunk = rows[start:start + config.rollout.batch_size]
         batch = pack(tokenize_prompts(chunk, data, lm.tokenizer), tokenize_responses(chunk, data, lm.tokenizer),
                      lm.tokenizer.pad_token_id)
-        logprobs = target_logprobs(lm, batch.to(device), temperature=temperature, backend=config.model.backend).cpu()
+        logprobs = target_logprobs(lm, batch.to(device), temperature=temperature).cpu()
         for row, values, mask in zip(chunk, logprobs, batch.target_mask):
             scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
     output.parent.mkdir(parents=True, exist_ok=True)

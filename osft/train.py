@@ -64,6 +64,16 @@ def lr_lambda(config: Config, total_steps: int):
     return factor
 
 
+def read_back(loss, grad_norm, metrics: dict) -> tuple[float, float, dict[str, float]]:
+    """A step's loss, gradient norm and metrics (tensors on the device, or numbers) as Python floats,
+    copied back in one transfer."""
+    names = list(metrics)
+    values = [torch.as_tensor(v, dtype=torch.float32, device=grad_norm.device).reshape(())
+              for v in (loss, grad_norm, *metrics.values())]
+    loss, grad_norm, *rest = torch.stack(values).tolist()
+    return loss, grad_norm, dict(zip(names, rest))
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -215,11 +225,12 @@ def _run(config: Config, run_dir: Path, progress: bool) -> None:
                     rollout_tokens += int(batch_metrics.get("completions/num_tokens", 0))
                     updates_left = recipe.updates_per_batch
                     num_items = recipe.num_items(batch)
+                # the loss and the metrics stay on the device until the step's one read-back below
                 loss_sum, loss_metrics = 0.0, {}
                 for micro in micro_batches(batch, config.optim.micro_batch_tokens):
                     loss, micro_metrics = recipe.loss(micro.to(device), num_items)
                     loss.backward()
-                    loss_sum += loss.item()
+                    loss_sum = loss_sum + loss.detach()
                     share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
                     for name, value in micro_metrics.items():
                         loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
@@ -238,14 +249,15 @@ def _run(config: Config, run_dir: Path, progress: bool) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 updates_left -= 1
+                loss_sum, grad_norm, loss_metrics = read_back(loss_sum, grad_norm, loss_metrics)
                 seconds = time.perf_counter() - started
-                metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm.item(),
+                metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm,
                            "lr": lr, "rollout_tokens": rollout_tokens, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
                            "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
                 last = finished()
                 if step % config.log_every == 0 or last:
                     log.write(step, metrics)
-                bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm.item():.3f}")
+                bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm:.3f}")
                 if eval_rows and ((config.eval.every and step % config.eval.every == 0) or last):
                     run_evaluation(step, bar)
                 save_due = save_due or bool(config.save_every and step % config.save_every == 0)

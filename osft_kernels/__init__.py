@@ -8,7 +8,8 @@ from .api import (
     linear_token_loss,
     linear_token_outputs,
 )
+from .backends import BACKENDS, backend_name
 
-__all__ = ["LogProbs", "TokenOutputs", "linear_cross_entropy", "linear_logprobs", "linear_token_loss",
-           "linear_token_outputs"]
+__all__ = ["BACKENDS", "LogProbs", "TokenOutputs", "backend_name", "linear_cross_entropy", "linear_logprobs",
+           "linear_token_loss", "linear_token_outputs"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from cases import (
     make_case,
 )
 
-from osft_kernels import linear_cross_entropy, linear_logprobs
+from osft_kernels import backend_name, linear_cross_entropy, linear_logprobs
 from osft_kernels.backends import cpu, resolve_backend, torch_chunked
 from osft_kernels.driver import NUM_PARTIALS, VOCAB_BLOCK
 
@@ -27,7 +27,7 @@ def test_extension_is_built_and_is_the_default_on_cpu():
     variant, row_tile, message = cpu.extension()
     assert variant == cpu.machine_variant(), message
     assert row_tile > 0 and row_tile % 16 == 0
-    assert resolve_backend("auto", torch.device("cpu")) is cpu
+    assert resolve_backend("auto", torch.device("cpu")) is cpu and backend_name("auto", torch.device("cpu")) == "cpu"
     assert resolve_backend("cpu", torch.device("cpu")) is cpu
 
 
@@ -36,6 +36,7 @@ def test_missing_extension_says_how_to_build_it_and_auto_falls_back(monkeypatch)
     with pytest.raises(ValueError, match="backend 'cpu' is not available: osft_kernels was installed without it"):
         resolve_backend("cpu", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) is torch_chunked
+    assert backend_name("auto", torch.device("cpu")) == "torch"
 
 
 def test_cpu_backend_refuses_other_devices():

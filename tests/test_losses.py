@@ -557,6 +557,51 @@ def test_grpo_loss_fused_matches_reference_backend(agg, fused):
     assert set(metrics) >= {"clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "ratio_max", "entropy", "kl"}
 
 
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_grpo_loss_forms_importance_weights_from_rollout_logprobs(fused, level, on_policy):
+    """``rollout_logprobs`` weights the loss by min(pi_trainer / pi_rollout, is_cap), with the trainer's
+    logprobs the old ones or, on policy, this pass's own; equal to passing those weights, computed
+    here in float64 from the logits, as ``is_weights``."""
+    hidden, weight, targets, old, ref, adv = grpo_case(seed=12)
+    mask = targets[:, 1:] != -100
+    logits = hidden.detach().double()[:, :-1] @ weight.detach().double().T / 0.9
+    current = logits.log_softmax(-1).gather(-1, targets[:, 1:].clamp(min=0)[..., None])[..., 0]
+    trainer = current if on_policy else old.double()
+    noise = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.4
+    rollout = torch.where(mask, trainer + noise, 0.0).float()
+    old = None if on_policy else old
+    kwargs = dict(ref_logprobs=ref, kl_coef=0.02, entropy_coef=0.01, dual_clip=3.0, agg="seq-mean-token-mean",
+                  temperature=0.9, shift=True)
+    is_weights = truncated_importance_weights(trainer, rollout.double(), mask, cap=1.3, level=level)
+    assert (is_weights[mask] == 1.3).any() and (is_weights[mask] < 1.3).any()
+    loss, metrics = grpo_loss(hidden, weight, targets, old, adv, rollout_logprobs=rollout, is_cap=1.3, is_level=level,
+                              backend=fused, **kwargs)
+    expected, expected_metrics = grpo_loss(hidden, weight, targets, old, adv, is_weights=is_weights.float(),
+                                           backend="reference", **kwargs)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(expected, (hidden, weight))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for name in expected_metrics:
+        torch.testing.assert_close(metrics[name], expected_metrics[name], rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_loss_refuses_bad_importance_options():
+    hidden, weight, targets, old, _, adv = grpo_case()
+    rollout = torch.zeros(old.shape)
+    with pytest.raises(ValueError, match="pass is_weights or rollout_logprobs"):
+        grpo_loss(hidden, weight, targets, None, adv, is_weights=torch.ones(old.shape), rollout_logprobs=rollout,
+                  shift=True)
+    with pytest.raises(ValueError, match="is_cap must be > 0"):
+        grpo_loss(hidden, weight, targets, None, adv, rollout_logprobs=rollout, is_cap=0.0, shift=True)
+    with pytest.raises(ValueError, match="is_level must be 'token' or 'sequence'"):
+        grpo_loss(hidden, weight, targets, None, adv, rollout_logprobs=rollout, is_level="batch", shift=True)
+    rollout[0, 5] = float("nan")  # a completion token
+    with pytest.raises(ValueError, match="rollout_logprobs must be finite at the masked"):
+        grpo_loss(hidden, weight, targets, None, adv, rollout_logprobs=rollout, shift=True)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm"])
 def test_grpo_micro_batches_with_num_items_match_the_full_batch(agg):

@@ -62,6 +62,35 @@ def test_bad_config_is_refused_with_the_key(tmp_path, model_dir, data_file, over
         load_config(None, [*base_overrides(model_dir, data_file, tmp_path), override])
 
 
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
+def test_fused_inputs_carry_the_models_logit_transform(family):
+    """Every recipe and the scoring reach the fused ops through ``CausalLM.fused_inputs``: its logprobs
+    equal the model's own logits (Granite's logits_scaling, Cohere's logit_scale, Gemma 2's final softcap)
+    at a temperature, in float64."""
+    import transformers
+
+    from osft.data import pack
+    from osft.model import CausalLM
+    from osft_kernels import linear_logprobs
+
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model_class, config_class, transform = {
+        "granite": ("GraniteForCausalLM", "GraniteConfig", {"logits_scaling": 4.0}),
+        "cohere": ("CohereForCausalLM", "CohereConfig", {"logit_scale": 0.25}),
+        "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"final_logit_softcapping": 3.0})}[family]
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**transform, **common))
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]], pad_id=0)
+    lm = CausalLM(model.eval(), tokenizer=None, backend="torch")
+    ours = linear_logprobs(**lm.fused_inputs(batch, temperature=0.7)).logprobs
+    with torch.no_grad():
+        logits = model.double()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    expected = (logits / 0.7).log_softmax(-1).gather(-1, batch.labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    mask = batch.target_mask
+    torch.testing.assert_close(ours[mask].double(), expected[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_autocast_is_refused_for_the_vllm_engine(tmp_path, model_dir, data_file):
     with pytest.raises(ConfigError, match="rollout.autocast applies to the hf engine"):
         load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.engine=vllm",
@@ -222,6 +251,101 @@ def test_grpo_runs_with_every_option(tmp_path, model_dir, data_file):
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["kl"] > 0
     # checkpoints only between batches
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+
+
+def test_grpo_scores_old_and_reference_logprobs_through_the_micro_batches(tmp_path, model_dir, data_file, monkeypatch):
+    """The old and reference policies score a generated batch micro-batch by micro-batch
+    (``optim.micro_batch_tokens``), never the whole batch in one decoder forward, and the scores equal
+    the whole batch's."""
+    from osft.model import CausalLM
+    from osft.scoring import target_logprobs
+
+    config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.num_generations=3",
+                                "grpo.num_iterations=2", "grpo.kl_coef=0.1", "optim.micro_batch_tokens=40"])
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    recipe = make_recipe(config, lm)
+    forwards = []
+    decoder = CausalLM.hidden_states
+
+    def counted(self, input_ids, attention_mask):
+        forwards.append(tuple(input_ids.shape))
+        return decoder(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(CausalLM, "hidden_states", counted)
+    torch.manual_seed(0)
+    batch, _ = recipe.make_batch(arithmetic_rows()[:4], epoch=0.0)
+    parts = micro_batches(batch, 40)
+    assert len(parts) > 2 and len(forwards) == 2 * len(parts)  # old and reference policies, one pass each
+    assert all(rows * width <= 40 or rows == 1 for rows, width in forwards)
+    for name, model in (("old_logprobs", lm), ("ref_logprobs", recipe.reference)):
+        whole = target_logprobs(model, batch, temperature=config.grpo.temperature)
+        scored = batch.token_values[name]
+        assert scored.shape == batch.labels.shape and not scored[:, 0].any()
+        torch.testing.assert_close(scored[:, 1:], whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_importance_sampling_on_policy_runs_the_decoder_once(tmp_path, model_dir, data_file, monkeypatch, level):
+    """With ``is_cap > 0`` and one update per batch, the trainer's side of the importance weights comes
+    from the fused pass itself: one decoder forward per micro-batch, and the loss of explicit weights
+    from a separate scoring pass."""
+    from osft.model import CausalLM
+    from osft.scoring import target_logprobs
+    from osft_kernels.losses import grpo_loss, truncated_importance_weights
+
+    config = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.num_generations=2",
+                                "grpo.is_cap=1.2", f"grpo.is_level={level}"])
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    recipe = make_recipe(config, lm)
+    torch.manual_seed(0)
+    batch, _ = recipe.make_batch(arithmetic_rows()[:2], epoch=0.0)
+    shift = torch.tensor([-0.3, 0.3, -0.3, 0.3])[:, None]  # ratios above the cap on rows 0 and 2, below on 1 and 3
+    batch.token_values["engine_logprobs"] += torch.where(batch.labels != -100, shift, 0.0)
+    forwards = []
+    decoder = CausalLM.hidden_states
+    monkeypatch.setattr(CausalLM, "hidden_states", lambda self, *args: forwards.append(1) or decoder(self, *args))
+    loss, _ = recipe.loss(batch, recipe.num_items(batch))
+    assert len(forwards) == 1
+    monkeypatch.setattr(CausalLM, "hidden_states", decoder)
+    mask = batch.target_mask
+    trainer = target_logprobs(lm, batch, temperature=1.0)
+    weights = truncated_importance_weights(trainer, batch.shifted("engine_logprobs"), mask, cap=1.2, level=level)
+    assert (weights[mask] == 1.2).any() and (weights[mask] < 1.2).any()
+    expected, _ = grpo_loss(lm.hidden_states(batch.input_ids, batch.attention_mask), lm.head().weight, batch.labels,
+                            None, batch.row_values["advantages"], is_weights=weights, shift=True,
+                            norm_length=float(config.rollout.max_new_tokens), num_items=recipe.num_items(batch))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_training_step_reads_values_back_once_whatever_the_micro_batches(tmp_path, model_dir, data_file,
+                                                                            monkeypatch):
+    """The loop keeps each micro-batch's loss and metrics on the device: the reads back to Python
+    (``item``, ``tolist``, ``bool``) made by the training loop and the recipes do not grow with the number of
+    micro-batches of a step."""
+    import sys
+
+    loop_files = [str(Path(sys.modules["osft"].__file__).parent / name) for name in ("train.py", "recipes")]
+    reads = []
+
+    def counted(method):
+        def read(self, *args):
+            caller = sys._getframe(1).f_code.co_filename
+            reads.extend(caller for prefix in loop_files if caller.startswith(prefix))
+            return method(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    counts = {}
+    for budget in (10_000, 40):
+        reads.clear()
+        run_dir = tmp_path / str(budget)
+        config = load_config(None, [*base_overrides(model_dir, data_file, run_dir, "grpo"), "max_steps=1",
+                                    "grpo.num_generations=2", "grpo.is_cap=2.0", f"optim.micro_batch_tokens={budget}"])
+        train(config, progress=False)
+        counts[budget] = len(reads)
+        assert len(read_metrics(run_dir)) == 1
+    assert counts[10_000] == counts[40] > 0
 
 
 def test_grpo_advantages_and_clip_metrics_on_a_constructed_batch(tmp_path, model_dir, data_file):

@@ -6,11 +6,10 @@ more than one, the old policy's logprobs are scored before the first."""
 import torch
 from torch import Tensor
 
-from osft_kernels.losses import group_advantages, grpo_loss, truncated_importance_weights
-from osft_kernels.losses.sft import unshift
+from osft_kernels.losses import group_advantages, grpo_loss
 
 from ..config import Config
-from ..data import Sequences, pack, prompt_text, tokenize_prompts
+from ..data import Sequences, micro_batches, pack, prompt_text, tokenize_prompts
 from ..model import CausalLM, load_causal_lm
 from ..rewards import REWARDS
 from ..rollout import completion_metrics, make_engine
@@ -50,22 +49,26 @@ class GRPORecipe:
         batch.row_values["advantages"] = group_advantages(reward_tensor, group, scale=grpo.scale_rewards)
         if self.config.rollout.mask_truncated_completions:  # still part of their group's statistics
             batch.drop_targets([c.truncated for c in completions])
-        on_device = batch.to(self.lm.device)
-
-        def score(model: CausalLM) -> Tensor:
-            """Logprobs of the shifted targets under ``model``, stored at their token positions."""
-            logprobs = target_logprobs(model, on_device, temperature=grpo.temperature,
-                                       backend=self.config.model.backend)
-            return unshift(logprobs, True).cpu()
-
         if self.updates_per_batch > 1:
-            batch.token_values["old_logprobs"] = score(self.lm)
+            batch.token_values["old_logprobs"] = self._score(self.lm, batch)
         if self.reference is not None:
-            batch.token_values["ref_logprobs"] = score(self.reference)
+            batch.token_values["ref_logprobs"] = self._score(self.reference, batch)
         per_group = reward_tensor.view(-1, group)
         return batch, {"reward": reward_tensor.mean().item(),
                        "reward_std": per_group.std(1, correction=0).mean().item(),
                        "rewards/unjudged_ratio": unjudged / len(rewards), **completion_metrics(completions)}
+
+    def _score(self, model: CausalLM, batch: Sequences) -> Tensor:
+        """Logprobs of ``batch``'s targets under ``model`` at their token positions ``[B, T]`` (0 elsewhere),
+        scored through the training micro-batches (``optim.micro_batch_tokens``)."""
+        scored = torch.zeros(batch.labels.shape)
+        row = 0
+        for micro in micro_batches(batch, self.config.optim.micro_batch_tokens):
+            rows, width = micro.labels.shape
+            scored[row:row + rows, 1:width] = target_logprobs(model, micro.to(model.device),
+                                                              temperature=self.config.grpo.temperature).cpu()
+            row += rows
+        return scored
 
     def num_items(self, batch: Sequences) -> float:
         agg = self.config.grpo.agg
@@ -74,21 +77,16 @@ class GRPORecipe:
         return float(max(batch.num_sequences, 1) if agg != "seq-mean-token-sum-norm" else batch.labels.shape[0])
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
-        grpo, head = self.config.grpo, self.lm.head()
-        hidden = self.lm.hidden_states(micro.input_ids, micro.attention_mask)
-        mask = micro.target_mask
+        grpo = self.config.grpo
         old = micro.shifted("old_logprobs") if "old_logprobs" in micro.token_values else None
         ref = micro.shifted("ref_logprobs") if "ref_logprobs" in micro.token_values else None
-        is_weights = None
-        if grpo.is_cap > 0:
-            trainer = old if old is not None else target_logprobs(self.lm, micro, temperature=grpo.temperature,
-                                                                  backend=self.config.model.backend)
-            is_weights = truncated_importance_weights(trainer, micro.shifted("engine_logprobs"), mask,
-                                                      cap=grpo.is_cap, level=grpo.is_level)
-        loss, metrics = grpo_loss(hidden, head.weight, micro.labels, old, micro.row_values["advantages"], shift=True,
-                         bias=head.bias, softcap=head.softcap, temperature=grpo.temperature * head.temperature_scale,
-                         ref_logprobs=ref, is_weights=is_weights, clip_low=grpo.clip_low, clip_high=grpo.clip_high,
-                         dual_clip=grpo.dual_clip or None, kl_coef=grpo.kl_coef, kl_estimator=grpo.kl_estimator,
-                         entropy_coef=grpo.entropy_coef, agg=grpo.agg, num_items=num_items,
-                         norm_length=float(self.config.rollout.max_new_tokens), backend=self.config.model.backend)
-        return loss, {METRIC_NAMES.get(name, name): value.item() for name, value in metrics.items()}
+        # truncated importance sampling against the engine, on policy from the fused pass's own logprobs
+        importance = {"rollout_logprobs": micro.shifted("engine_logprobs"), "is_cap": grpo.is_cap,
+                      "is_level": grpo.is_level} if grpo.is_cap > 0 else {}
+        loss, metrics = grpo_loss(**self.lm.fused_inputs(micro, grpo.temperature), old_logprobs=old,
+                                  advantages=micro.row_values["advantages"], ref_logprobs=ref, **importance,
+                                  clip_low=grpo.clip_low, clip_high=grpo.clip_high, dual_clip=grpo.dual_clip or None,
+                                  kl_coef=grpo.kl_coef, kl_estimator=grpo.kl_estimator, entropy_coef=grpo.entropy_coef,
+                                  agg=grpo.agg, num_items=num_items,
+                                  norm_length=float(self.config.rollout.max_new_tokens))
+        return loss, {METRIC_NAMES.get(name, name): value for name, value in metrics.items()}

@@ -4,13 +4,12 @@ reference model. With ``rollout.mask_truncated_completions``, responses cut at `
 not trained on."""
 from torch import Tensor
 
-from osft_kernels.losses import sampling_temperature
+from osft_kernels.losses import sampling_temperature, sft_loss
 
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts
 from ..model import CausalLM
 from ..rollout import completion_metrics, make_engine
-from .sft import response_nll
 
 
 class OSFTRecipe:
@@ -36,5 +35,5 @@ class OSFTRecipe:
         return float(max(batch.num_targets, 1))
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
-        return response_nll(self.lm, micro, temperature=self.config.osft.tau_t, normalize="tokens",
-                            num_items=num_items, backend=self.config.model.backend), {}
+        return sft_loss(**self.lm.fused_inputs(micro, self.config.osft.tau_t), normalize="tokens",
+                        num_items=num_items), {}

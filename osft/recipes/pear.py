@@ -28,12 +28,10 @@ class PEARRecipe:
         return float(batch.num_sequences if self.config.pear.normalize == "sequences" else batch.num_targets)
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
-        pear, head = self.config.pear, self.lm.head()
-        hidden = self.lm.hidden_states(micro.input_ids, micro.attention_mask)
-        loss = pear_loss(hidden, head.weight, micro.labels, micro.shifted("behavior_logprobs"), level=pear.level,
-                         block_size=pear.block_size, gamma=pear.gamma,
+        pear = self.config.pear
+        loss = pear_loss(**self.lm.fused_inputs(micro), logp_behavior=micro.shifted("behavior_logprobs"),
+                         level=pear.level, block_size=pear.block_size, gamma=pear.gamma,
                          log_ratio_clip=(pear.log_ratio_clip_low, pear.log_ratio_clip_high),
                          log_weight_clip=(pear.log_weight_clip_low, pear.log_weight_clip_high),
-                         normalize=pear.normalize, num_items=num_items, bias=head.bias, softcap=head.softcap,
-                         temperature=head.temperature_scale, shift=True, backend=self.config.model.backend)
+                         normalize=pear.normalize, num_items=num_items)
         return loss, {}

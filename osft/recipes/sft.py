@@ -8,17 +8,6 @@ from ..data import Sequences, pack, tokenize_prompts, tokenize_responses
 from ..model import CausalLM
 
 
-def response_nll(lm: CausalLM, batch: Sequences, *, temperature: float, normalize: str, num_items: float,
-                 backend: str) -> Tensor:
-    """The (normalized) NLL of the response tokens of ``batch`` at ``temperature``, from the decoder's
-    hidden states and the output head through the fused loss; ``num_items`` is the step's count."""
-    head = lm.head()
-    hidden = lm.hidden_states(batch.input_ids, batch.attention_mask)
-    return sft_loss(hidden, head.weight, batch.labels, bias=head.bias, softcap=head.softcap, shift=True,
-                    temperature=temperature * head.temperature_scale, normalize=normalize, num_items=num_items,
-                    backend=backend)
-
-
 class SFTRecipe:
     updates_per_batch = 1
     columns = ("prompt_column", "response_column")
@@ -36,5 +25,4 @@ class SFTRecipe:
         return float(batch.num_sequences if self.config.sft.normalize == "sequences" else batch.num_targets)
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
-        return response_nll(self.lm, micro, temperature=1.0, normalize=self.config.sft.normalize,
-                            num_items=num_items, backend=self.config.model.backend), {}
+        return sft_loss(**self.lm.fused_inputs(micro), normalize=self.config.sft.normalize, num_items=num_items), {}

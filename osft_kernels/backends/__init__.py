@@ -33,16 +33,24 @@ def _triton_backend(device: torch.device) -> ModuleType:
     return importlib.import_module(".triton_chunked", __name__)
 
 
-def resolve_backend(name, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` and tensors on ``device``.
+def backend_name(name, device: torch.device) -> str:
+    """The backend (one of :data:`BACKENDS`) that ``name`` picks for tensors on ``device``.
 
-    ``"auto"``: for CUDA tensors the triton backend when triton is installed, for CPU tensors the cpu
-    backend when its C++ extension is built, else the torch backend.
+    ``"auto"``: for CUDA tensors ``"triton"`` when triton is installed, for CPU tensors ``"cpu"`` when
+    its C++ extension is built, else ``"torch"``.
     """
     if name == "auto":
         if device.type == "cuda" and triton_installed():
-            return _triton_backend(device)
-        return cpu if device.type == "cpu" and cpu.available() else torch_chunked
+            return "triton"
+        return "cpu" if device.type == "cpu" and cpu.available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
+def resolve_backend(name, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` (:func:`backend_name`) and tensors on ``device``."""
+    name = backend_name(name, device)
     if name == "reference":
         return reference
     if name == "torch":
@@ -52,6 +60,4 @@ def resolve_backend(name, device: torch.device) -> ModuleType:
     if name == "cpu":
         cpu.check_available(device)
         return cpu
-    if name == "cuda":
-        return cuda_chunked
-    raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return cuda_chunked

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..api import linear_token_loss
+from ..api import linear_logprobs, linear_token_loss
 from ..inputs import is_finite_number, target_mask
 from .aggregation import AGGREGATIONS, aggregation_weights, check_mask
 
@@ -116,6 +116,14 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", *,
     return torch.expm1(d) - d
 
 
+def _check_importance_options(cap_name: str, cap, level_name: str, level) -> None:
+    _check_number(cap_name, cap, low=0.0)
+    if cap <= 0:
+        raise ValueError(f"{cap_name} must be > 0, got {cap!r}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"{level_name} must be 'token' or 'sequence', got {level!r}")
+
+
 def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mask: Tensor, *, cap: float = 2.0,
                                  level: str = "token", nan_rollout: str = "raise") -> Tensor:
     """Detached ``min(pi_trainer / pi_rollout, cap)``: the correction for a rollout engine whose
@@ -130,11 +138,7 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
         raise TypeError("logp_trainer must be a torch.Tensor of shape [..., T]")
     logp_rollout = _check_like("logp_rollout", logp_rollout, logp_trainer)
     mask = check_mask(mask, logp_trainer)
-    _check_number("cap", cap, low=0.0)
-    if cap <= 0:
-        raise ValueError(f"cap must be > 0, got {cap!r}")
-    if level not in ("token", "sequence"):
-        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    _check_importance_options("cap", cap, "level", level)
     if nan_rollout not in NAN_ROLLOUT:
         raise ValueError(f"nan_rollout must be one of {NAN_ROLLOUT}, got {nan_rollout!r}")
     trainer, rollout = logp_trainer.detach().float(), logp_rollout.detach().float()
@@ -146,7 +150,12 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
     log_ratio = torch.where(mask & known, trainer - rollout, 0.0)
     if level == "sequence":
         log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
-    return torch.where(mask, log_ratio.clamp(max=math.log(cap)).exp(), 0.0)
+    return torch.where(mask, _capped_ratio(log_ratio, cap), 0.0)
+
+
+def _capped_ratio(log_ratio: Tensor, cap: float) -> Tensor:
+    """``min(exp(log_ratio), cap)``."""
+    return log_ratio.clamp(max=math.log(cap)).exp()
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
@@ -254,6 +263,8 @@ class _PolicyTerms:
     advantages: Tensor
     ref_logprobs: Tensor | None
     is_weights: Tensor | None
+    rollout_logprobs: Tensor | None  # with is_cap: per-token importance weights against the current logprobs
+    is_cap: float
     weights: Tensor  # aggregation coefficients of the policy and KL terms
     entropy_weights: Tensor  # and of the entropy term
     clip_low: float
@@ -272,13 +283,14 @@ class _PolicyTerms:
         pick = (lambda t: None if t is None else t.reshape(-1)[index])
         return replace(self, old_logprobs=pick(self.old_logprobs), advantages=pick(self.advantages),
                        ref_logprobs=pick(self.ref_logprobs), is_weights=pick(self.is_weights),
-                       weights=pick(self.weights), entropy_weights=pick(self.entropy_weights))
+                       rollout_logprobs=pick(self.rollout_logprobs), weights=pick(self.weights),
+                       entropy_weights=pick(self.entropy_weights))
 
 
 def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_low, clip_high, dual_clip,
                   ref_logprobs, kl_coef, kl_estimator, kl_bias_correction, entropy_coef, entropy_agg, agg, num_items,
                   norm_length, count_empty_sequences, is_weights, log_ratio_limit, pg_loss,
-                  sapo_temperatures) -> _PolicyTerms:
+                  sapo_temperatures, rollout_logprobs=None, is_cap=2.0) -> _PolicyTerms:
     """Check the per-token inputs against the token grid ``like [..., T]`` and ``mask``; mask them."""
     if old_logprobs is not None:
         old_logprobs = _check_like("old_logprobs", old_logprobs, like).detach()
@@ -317,8 +329,9 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
         raise ValueError(f"entropy_agg must be None or one of {AGGREGATIONS}, got {entropy_agg!r}")
     masked = (lambda name, t: None if t is None else torch.where(mask, _check_like(name, t, like).detach(), 0.0))
     ref_logprobs, is_weights = masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights)
+    rollout_logprobs = masked("rollout_logprobs", rollout_logprobs)
     for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                        ("is_weights", is_weights)):
+                        ("is_weights", is_weights), ("rollout_logprobs", rollout_logprobs)):
         _check_finite_at(name, value, mask)
     if is_weights is not None and bool((is_weights < 0).any()):
         raise ValueError("is_weights must be >= 0")
@@ -328,8 +341,8 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
     entropy_weights = weights if entropy_agg is None else aggregation_weights(
         mask, entropy_agg, norm_length=norm_length, count_empty_sequences=count_empty_sequences, dtype=dtype)
     return _PolicyTerms(masked("old_logprobs", old_logprobs), torch.where(mask, advantages, 0.0), ref_logprobs,
-                        is_weights, weights, entropy_weights, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
-                        kl_bias_correction, entropy_coef, log_ratio_limit, pg_loss,
+                        is_weights, rollout_logprobs, is_cap, weights, entropy_weights, clip_low, clip_high,
+                        dual_clip, kl_coef, kl_estimator, kl_bias_correction, entropy_coef, log_ratio_limit, pg_loss,
                         (float(sapo_temperatures[0]), float(sapo_temperatures[1])))
 
 
@@ -357,8 +370,11 @@ def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyT
         bound = -advantages * terms.dual_clip
         parts["dual_clip_frac"] = (advantages < 0) & (token_loss.detach() > bound)
         token_loss = torch.where(advantages < 0, torch.minimum(token_loss, bound), token_loss)
-    if terms.is_weights is not None:
-        token_loss = token_loss * terms.is_weights
+    is_weights = terms.is_weights
+    if terms.rollout_logprobs is not None:  # on policy, per token: this pass's own logprobs are the trainer's
+        is_weights = _capped_ratio(logprobs.detach() - terms.rollout_logprobs, terms.is_cap)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights
     if terms.ref_logprobs is not None:
         kl = kl_penalty(logprobs, terms.ref_logprobs, terms.kl_estimator, log_ratio_limit=terms.log_ratio_limit)
         if terms.kl_bias_correction:
@@ -373,15 +389,16 @@ def _token_policy_loss(logprobs: Tensor, entropy: Tensor | None, terms: _PolicyT
 
 
 def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Tensor | None, advantages: Tensor, *,
-              ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None, clip_low: float = 0.2,
-              clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-              kl_bias_correction: bool = False, entropy_coef: float = 0.0, entropy_agg: str | None = None,
-              agg: str = "token-mean", num_items: float | None = None, norm_length: float | None = None,
-              count_empty_sequences: bool = False, log_ratio_limit: float | None = LOG_RATIO_LIMIT,
-              pg_loss: str = "ppo", sapo_temperatures: tuple[float, float] = (1.0, 1.05),
-              temperature: float | Tensor = 1.0, ignore_index: int = -100, bias: Tensor | None = None,
-              softcap: float | None = None, shift: bool = False, backend: str = "auto",
-              **kernel_options) -> tuple[Tensor, dict[str, Tensor]]:
+              ref_logprobs: Tensor | None = None, is_weights: Tensor | None = None,
+              rollout_logprobs: Tensor | None = None, is_cap: float = 2.0, is_level: str = "token",
+              clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
+              kl_estimator: str = "k3", kl_bias_correction: bool = False, entropy_coef: float = 0.0,
+              entropy_agg: str | None = None, agg: str = "token-mean", num_items: float | None = None,
+              norm_length: float | None = None, count_empty_sequences: bool = False,
+              log_ratio_limit: float | None = LOG_RATIO_LIMIT, pg_loss: str = "ppo",
+              sapo_temperatures: tuple[float, float] = (1.0, 1.05), temperature: float | Tensor = 1.0,
+              ignore_index: int = -100, bias: Tensor | None = None, softcap: float | None = None, shift: bool = False,
+              backend: str = "auto", **kernel_options) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`policy_loss` of the completion tokens, straight from hidden states, in one fused pass
     (:func:`osft_kernels.linear_token_loss`, with the entropy when ``entropy_coef != 0``): every
     token's loss depends only on its own logprob and entropy and on values known before the call, so
@@ -389,17 +406,39 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
     then :func:`policy_loss` take 8NDV). The metrics are :func:`policy_loss`'s, computed once.
 
     The completion tokens are the non-ignored (shifted) ``targets``; ``old_logprobs``,
-    ``ref_logprobs`` and ``is_weights`` are shaped like them, ``advantages`` per sequence or per
-    token. Other arguments as in :func:`policy_loss` and :func:`osft_kernels.linear_logprobs`.
+    ``ref_logprobs``, ``is_weights`` and ``rollout_logprobs`` are shaped like them, ``advantages``
+    per sequence or per token. Other arguments as in :func:`policy_loss` and
+    :func:`osft_kernels.linear_logprobs`.
+
+    ``rollout_logprobs`` (instead of ``is_weights``): the rollout engine's logprobs; the loss is then
+    weighted by :func:`truncated_importance_weights` of the trainer's logprobs over them (``is_cap``,
+    ``is_level``). The trainer's logprobs are ``old_logprobs``, or on policy (``old_logprobs=None``)
+    those of this pass, detached: per token inside the fused pass itself, per sequence from a
+    no-grad pass of the output layer first (a sequence's weight needs all its tokens). Either way
+    the decoder runs once.
     """
     mask = target_mask(targets, ignore_index, shift)
+    if rollout_logprobs is not None:
+        if is_weights is not None:
+            raise ValueError("pass is_weights or rollout_logprobs (the weights are then formed here), not both")
+        _check_importance_options("is_cap", is_cap, "is_level", is_level)
+        trainer = old_logprobs
+        if trainer is None and is_level == "sequence":
+            with torch.no_grad():
+                trainer = linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
+                                          bias=bias, softcap=softcap, shift=shift, backend=backend,
+                                          **kernel_options).logprobs
+        if trainer is not None:
+            is_weights = truncated_importance_weights(trainer, rollout_logprobs, mask, cap=is_cap, level=is_level)
+            rollout_logprobs = None
     grid = torch.zeros(mask.shape, device=hidden.device)
     terms = _policy_terms(grid, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                           dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
                           kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
                           agg=agg, num_items=num_items, norm_length=norm_length,
                           count_empty_sequences=count_empty_sequences, is_weights=is_weights,
-                          log_ratio_limit=log_ratio_limit, pg_loss=pg_loss, sapo_temperatures=sapo_temperatures)
+                          log_ratio_limit=log_ratio_limit, pg_loss=pg_loss, sapo_temperatures=sapo_temperatures,
+                          rollout_logprobs=rollout_logprobs, is_cap=is_cap)
 
     def token_loss(logprobs: Tensor, entropy: Tensor | None, index: Tensor) -> Tensor:
         return _token_policy_loss(logprobs, entropy, terms.at(index))[0]
