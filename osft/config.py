@@ -109,13 +109,13 @@ class GRPOConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     clip_low: float = 0.2
     clip_high: float = 0.2               # DAPO clip-higher: 0.28
-    dual_clip: float = 0.0               # 0: off; else c > 1 (e.g. 3.0)
+    dual_clip: float | None = None       # None: off; else c > 1 (e.g. 3.0)
     kl_coef: float = 0.0                 # > 0 loads a frozen copy of the initial model
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+"] = "k3"  # see losses.kl_penalty
     entropy_coef: float = 0.0
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     num_iterations: int = 1              # optimizer steps per generated batch
-    is_cap: float = 0.0                  # truncated importance sampling cap vs the engine's logprobs (0: off)
+    is_cap: float | None = None          # truncated importance sampling cap (> 0) vs the engine's logprobs
     is_level: Literal["token", "sequence"] = "token"
 
 
@@ -148,10 +148,10 @@ class Config:
 _POSITIVE = {"epochs", "prompts_per_step", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
              "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
              "anneal_epochs", "tau_t", "max_grad_norm", "num_generations", "temperature", "num_iterations",
-             "block_size", "gamma", "samples",
+             "block_size", "gamma", "samples", "is_cap",
              "vllm_memory_fraction"}
 _NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
-                 "dual_clip", "kl_coef", "is_cap", "every", "max_prompts", "max_rollout_tokens", "keep_last"}
+                 "kl_coef", "every", "max_prompts", "max_rollout_tokens", "keep_last"}
 _RANGES = {  # dotted key: (the test, the range as stated in the error)
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (what the RNG seeding functions accept)"),
     "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -249,11 +249,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    changes = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return config_from_dict(data, changes)
+
+
+def config_from_dict(data: dict, changes: dict | None = None) -> Config:
+    """The configuration in nested mappings ``data`` (as YAML gives them), with ``changes`` to dotted
+    keys (``{"optim.lr": 1e-5}``); every key, type and range checked, as for a file."""
+    for key, value in (changes or {}).items():
+        _set_dotted(data, key, value)
     config = _build(Config, data)
     if not config.model.path:
         raise ConfigError("model.path is required: a local transformers model directory, or smollm2-135m / "
@@ -263,8 +272,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     pear = config.pear
     if pear.log_ratio_clip_low > pear.log_ratio_clip_high or pear.log_weight_clip_low > pear.log_weight_clip_high:
         raise ConfigError("pear needs each clip's low <= high (pear.log_ratio_clip_*, pear.log_weight_clip_*)")
-    if config.grpo.dual_clip and config.grpo.dual_clip <= 1:
-        raise ConfigError(f"grpo.dual_clip must be 0 (off) or > 1, got {config.grpo.dual_clip}")
+    if config.grpo.dual_clip is not None and config.grpo.dual_clip <= 1:
+        raise ConfigError(f"grpo.dual_clip must be null (off) or > 1, got {config.grpo.dual_clip}")
     if config.osft.tau_s_start > config.osft.tau_t:
         raise ConfigError(f"osft.tau_s_start ({config.osft.tau_s_start}) above osft.tau_t ({config.osft.tau_t}) "
                           "trains toward a flatter distribution; OSFT needs tau_s <= tau_t")

@@ -143,11 +143,6 @@ class Sequences:
     def num_targets(self) -> int:
         return int(self.target_mask.sum())
 
-    @property
-    def num_sequences(self) -> int:
-        """Sequences with at least one target."""
-        return int(self.target_mask.any(1).sum())
-
     def _map(self, rows=slice(None), width=None, device=None) -> "Sequences":
         def tokens(x: Tensor) -> Tensor:
             return x[rows, :width].to(device) if device else x[rows, :width]

@@ -27,9 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from osft_kernels import backend_name
 
-from .config import Config, DataConfig, EvalConfig, GRPOConfig, ModelConfig, OptimConfig, OSFTConfig, RolloutConfig
+from .config import Config, RolloutConfig, config_from_dict
 from .evaluate import append_eval, evaluate, load_eval_rows
-from .model import load_causal_lm
+from .model import default_device, load_causal_lm
 from .packaged import resolve_model_path
 from .rollout import generation_autocast
 from .tasks import MAX_DIFFICULTY, write_task
@@ -58,7 +58,7 @@ _HELP = {
 
 @dataclass
 class DemoSettings:
-    """The demo's knobs (see ``_HELP``); the defaults take about 11 minutes on 2 CPU cores."""
+    """The demo's knobs (see ``_HELP``); the defaults take 7-10 minutes on 2 CPU cores (bfloat16 or float32 generation)."""
 
     model: str = "smollm2-135m"
     run_dir: str = "runs/demo"
@@ -99,23 +99,20 @@ class DemoSettings:
 
 
 def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir: Path, **changes) -> Config:
-    """The training config of one demo recipe."""
-    config = Config(
-        recipe=recipe, run_dir=str(Path(settings.run_dir) / recipe), seed=settings.seed, resume="never", keep_last=0,
-        prompts_per_step=settings.prompts_per_step, max_steps=math.ceil(settings.train_prompts / settings.prompts_per_step),
-        model=ModelConfig(path=model_path, dtype="float32", backend=settings.backend),
-        data=DataConfig(train=str(task_dir / "train.jsonl")),
-        rollout=RolloutConfig(max_new_tokens=settings.max_new_tokens, batch_size=64, mask_truncated_completions=True,
-                              autocast=settings.autocast),
-        optim=OptimConfig(lr=settings.lr, weight_decay=0.0, micro_batch_tokens=4096),
-        osft=OSFTConfig(tau_s_start=settings.tau_s, tau_s_end=settings.tau_s, tau_t=1.0),
-        grpo=GRPOConfig(num_generations=settings.num_generations, temperature=1.0),
-        eval=EvalConfig(data=str(task_dir / "eval.jsonl"), every=settings.eval_every, samples=settings.eval_samples,
-                        temperature=1.0, greedy=True, at_start=False))
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        setattr(getattr(config, section) if section else config, name, value)
-    return config
+    """The training config of one demo recipe, checked like any config; ``changes`` to dotted keys."""
+    data = {"recipe": recipe, "run_dir": str(Path(settings.run_dir) / recipe), "seed": settings.seed,
+            "resume": "never", "keep_last": 0, "prompts_per_step": settings.prompts_per_step,
+            "max_steps": math.ceil(settings.train_prompts / settings.prompts_per_step),
+            "model": {"path": model_path, "dtype": "float32", "backend": settings.backend},
+            "data": {"train": str(task_dir / "train.jsonl")},
+            "rollout": {"max_new_tokens": settings.max_new_tokens, "batch_size": 64,
+                        "mask_truncated_completions": True, "autocast": settings.autocast},
+            "optim": {"lr": settings.lr, "weight_decay": 0.0, "micro_batch_tokens": 4096},
+            "osft": {"tau_s_start": settings.tau_s, "tau_s_end": settings.tau_s, "tau_t": 1.0},
+            "grpo": {"num_generations": settings.num_generations, "temperature": 1.0},
+            "eval": {"data": str(task_dir / "eval.jsonl"), "every": settings.eval_every,
+                     "samples": settings.eval_samples, "temperature": 1.0, "greedy": True, "at_start": False}}
+    return config_from_dict(data, changes)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -127,7 +124,7 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     started = time.perf_counter()
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     backend = backend_name(settings.backend, device)
     model_path = resolve_model_path(settings.model)
     task_dir = run_dir / "task"

@@ -43,6 +43,11 @@ class CausalLM:
         return self.model.device
 
 
+def default_device() -> torch.device:
+    """Where osft trains, generates and scores: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware, faster than float32: a CUDA GPU with
     bfloat16 support, or a CPU with AVX512-BF16 or AMX (oneDNN runs torch's bfloat16 products there;

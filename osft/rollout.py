@@ -7,6 +7,7 @@ hit ``max_new_tokens`` before EOS. :func:`make_engine` picks one from ``rollout.
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from rich.progress import Progress
@@ -151,5 +152,12 @@ class VLLMEngine:
         return completions
 
 
-def make_engine(lm: CausalLM, config: Config):
+class RolloutEngine(Protocol):
+    """What the recipes ask of a rollout engine."""
+
+    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1) -> list[Completion]:
+        """``num_samples`` completions of each tokenized prompt, grouped by prompt (prompt-major)."""
+
+
+def make_engine(lm: CausalLM, config: Config) -> RolloutEngine:
     return VLLMEngine(lm, config) if config.rollout.engine == "vllm" else HFGenerateEngine(lm, config.rollout)

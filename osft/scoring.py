@@ -9,7 +9,7 @@ from osft_kernels import linear_logprobs
 
 from .config import Config
 from .data import Sequences, load_rows, pack, tokenize_prompts, tokenize_responses
-from .model import CausalLM, load_causal_lm
+from .model import CausalLM, default_device, load_causal_lm
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Pat
     ``config.model`` at ``temperature``. This is how PEAR's behavior-policy logprobs are collected."""
     import datasets
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     lm = load_causal_lm(config.model, device)
     lm.model.eval()
     data = config.data

@@ -14,7 +14,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +22,10 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .config import Config, ConfigError, ModelConfig, dump_config
-from .data import load_rows, micro_batches, tokenize_prompts, tokenize_responses
+from .data import Sequences, load_rows, micro_batches, tokenize_prompts, tokenize_responses
 from .evaluate import append_eval, evaluate, load_eval_rows
-from .model import CausalLM, load_causal_lm
-from .recipes import RECIPES, make_recipe
+from .model import CausalLM, default_device, load_causal_lm
+from .recipes import RECIPES, Recipe, make_recipe
 from .run_dir import Checkpoints, RunError, RunLock, check_resume_config, check_writable, drop_logged_after, file_digest
 
 
@@ -142,6 +142,9 @@ def check_position_limit(config: Config, lm: CausalLM, rows: list[dict], eval_ro
                               f"model.path {config.model.path}); lower data.max_prompt_tokens or {key}")
 
 
+METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
+
+
 def train(config: Config, *, progress: bool = True) -> Path:
     """Run ``config`` to its last step; returns the run directory. A run that cannot start as asked (the
     directory in use or not writable, a changed config, an earlier run's checkpoints) raises :class:`RunError`."""
@@ -152,8 +155,108 @@ def train(config: Config, *, progress: bool = True) -> Path:
     return run_dir
 
 
-def _run(config: Config, run_dir: Path, progress: bool) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class RunState:
+    """Where a run stands between optimizer steps: the counters a checkpoint keeps, and the batch in use."""
+
+    step: int = 0
+    position: int = 0        # data rows consumed
+    rollout_tokens: int = 0  # generated tokens so far
+    batch: Sequences | None = None
+    batch_metrics: dict[str, float] = field(default_factory=dict)
+    num_items: float = 1.0   # the batch's count (recipe.num_items)
+    updates_left: int = 0    # optimizer steps the batch still serves
+    save_due: bool = False   # a checkpoint is due at the end of the batch
+
+
+@dataclass
+class Run:
+    """One training run, set up by :func:`start_run` (fresh or from its last checkpoint)."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    lm: CausalLM
+    recipe: Recipe
+    rows: list[dict]
+    order: DataOrder
+    eval_rows: list[dict] | None
+    data_digest: str
+    checkpoints: Checkpoints
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    state: RunState
+
+    def finished(self) -> bool:
+        state, budget = self.state, self.config.max_rollout_tokens
+        return state.step >= self.total_steps or (0 < budget <= state.rollout_tokens and state.updates_left == 0)
+
+    def next_batch(self) -> None:
+        """The recipe's batch of the next ``prompts_per_step`` rows in the data order."""
+        config, state = self.config, self.state
+        indices = self.order.rows(state.position, config.prompts_per_step)
+        state.batch, state.batch_metrics = self.recipe.make_batch([self.rows[i] for i in indices],
+                                                                  epoch=state.position / len(self.rows))
+        state.position += config.prompts_per_step
+        state.rollout_tokens += int(state.batch_metrics.get("completions/num_tokens", 0))
+        state.updates_left = self.recipe.updates_per_batch
+        state.num_items = self.recipe.num_items(state.batch)
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step over the batch's micro-batches (a new batch first when the last one is
+        spent); returns the step's metrics. A non-finite gradient norm stops the run before the
+        update, non-finite weights after it."""
+        config, state = self.config, self.state
+        started = time.perf_counter()
+        if state.updates_left == 0:
+            self.next_batch()
+        batch = state.batch
+        # the loss and the metrics stay on the device until the step's one read-back below
+        loss_sum, loss_metrics = 0.0, {}
+        for micro in micro_batches(batch, config.optim.micro_batch_tokens):
+            loss, micro_metrics = self.recipe.loss(micro.to(self.device), state.num_items)
+            loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
+            for name, value in micro_metrics.items():
+                loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), config.optim.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopping before "
+                                     f"the update (last checkpoint: {self.checkpoints.latest()})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        # one fused norm over the weights, one sync: an update (e.g. a huge lr times weight decay) can
+        # overflow them with finite gradients
+        if not torch.isfinite(torch.nn.utils.get_total_norm(self.lm.model.parameters())):
+            raise FloatingPointError(f"step {state.step + 1}: the weights are not finite after the update (lr "
+                                     f"{lr:g}); stopping (last checkpoint: {self.checkpoints.latest()})")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.updates_left -= 1
+        loss_sum, grad_norm, loss_metrics = read_back(loss_sum, grad_norm, loss_metrics)
+        seconds = time.perf_counter() - started
+        return {"step": state.step, "epoch": state.position / len(self.rows), "loss": loss_sum,
+                "grad_norm": grad_norm, "lr": lr, "rollout_tokens": state.rollout_tokens,
+                "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
+                "peak_memory_gb": peak_memory_gb(self.device), **state.batch_metrics, **loss_metrics}
+
+    def save_if_due(self, last: bool) -> None:
+        """A checkpoint every ``save_every`` steps, taken between batches (a batch may serve several
+        updates), and at the end."""
+        config, state = self.config, self.state
+        state.save_due = state.save_due or bool(config.save_every and state.step % config.save_every == 0)
+        if config.keep_last and ((state.save_due and state.updates_left == 0) or last):
+            self.checkpoints.save(self.lm, self.optimizer, state.step, state.position, state.rollout_tokens, config,
+                                  self.data_digest)
+            state.save_due = False
+
+
+def start_run(config: Config, run_dir: Path) -> Run:
+    """Load the data and the model, and restore the last checkpoint when resuming (its weights,
+    optimizer, counters; the logs cut back to its step), after refusing what must not run."""
     checkpoints = Checkpoints(run_dir, config.keep_last)
     if config.keep_last:
         check_writable(checkpoints.root, "the checkpoint directory (keep_last > 0)")
@@ -170,100 +273,61 @@ def _run(config: Config, run_dir: Path, progress: bool) -> None:
     model_config = config.model
     if found is not None:  # the trainer continues from the checkpoint's weights
         model_config = ModelConfig(**{**vars(config.model), "path": str(found[0])})
+    device = default_device()
     lm = load_causal_lm(model_config, device)
     eval_rows = load_eval_rows(config) if config.eval.data else None
     check_position_limit(config, lm, rows, eval_rows)
     dump_config(config, run_dir / "config.yaml")
     recipe = make_recipe(config, lm)
-    order = DataOrder(len(rows), config.seed)
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.prompts_per_step)
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                   betas=(config.optim.beta1, config.optim.beta2))
-    step, position, rollout_tokens = 0, 0, 0
-    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
+    state = RunState()
+    logs = (run_dir / METRICS_FILE, run_dir / EVAL_FILE)
     if found is not None:
-        step, position, rollout_tokens = Checkpoints.restore(found[1], optimizer)
+        state.step, state.position, state.rollout_tokens = Checkpoints.restore(found[1], optimizer)
         for group in optimizer.param_groups:  # the config's values (they differ from the checkpoint's only if allowed)
             group.update(initial_lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                          betas=(config.optim.beta1, config.optim.beta2))
-        for path in (metrics_path, eval_path):
-            drop_logged_after(path, step)
+        for path in logs:
+            drop_logged_after(path, state.step)
     else:
-        for path in (metrics_path, eval_path):
+        for path in logs:
             path.unlink(missing_ok=True)
     # the schedule at ``step``, from the config's lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps), last_epoch=step - 1)
-    updates_left = 0  # optimizer steps the current batch still serves
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps),
+                                                  last_epoch=state.step - 1)
+    return Run(config, run_dir, device, lm, recipe, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
+               checkpoints, optimizer, scheduler, total_steps, state)
 
-    def finished() -> bool:
-        return step >= total_steps or (0 < config.max_rollout_tokens <= rollout_tokens and updates_left == 0)
 
-    if finished():
+def _run(config: Config, run_dir: Path, progress: bool) -> None:
+    run = start_run(config, run_dir)
+    if run.finished():
         return
-    log = MetricLog(metrics_path, run_dir / "tensorboard" if config.tensorboard else None)
+    log = MetricLog(run_dir / METRICS_FILE, run_dir / "tensorboard" if config.tensorboard else None)
     try:
         def run_evaluation(at_step: int, bar: Progress) -> None:
-            results = evaluate(lm, config, eval_rows, progress=bar if progress else None)
-            append_eval(eval_path, at_step, results)
+            results = evaluate(run.lm, config, run.eval_rows, progress=bar if progress else None)
+            append_eval(run_dir / EVAL_FILE, at_step, results)
             log.write(at_step, results, to_file=False)
-            lm.model.train()
+            run.lm.model.train()
 
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("{task.fields[metrics]}"), TimeRemainingColumn()]
         with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(config.recipe, total=total_steps, completed=step, metrics="")
-            if eval_rows and step == 0 and config.eval.at_start:
+            task = bar.add_task(config.recipe, total=run.total_steps, completed=run.state.step, metrics="")
+            if run.eval_rows and run.state.step == 0 and config.eval.at_start:
                 run_evaluation(0, bar)
-            lm.model.train()
-            save_due = False
-            while not finished():
-                started = time.perf_counter()
-                if updates_left == 0:
-                    batch_rows = [rows[i] for i in order.rows(position, config.prompts_per_step)]
-                    batch, batch_metrics = recipe.make_batch(batch_rows, epoch=position / len(rows))
-                    position += config.prompts_per_step
-                    rollout_tokens += int(batch_metrics.get("completions/num_tokens", 0))
-                    updates_left = recipe.updates_per_batch
-                    num_items = recipe.num_items(batch)
-                # the loss and the metrics stay on the device until the step's one read-back below
-                loss_sum, loss_metrics = 0.0, {}
-                for micro in micro_batches(batch, config.optim.micro_batch_tokens):
-                    loss, micro_metrics = recipe.loss(micro.to(device), num_items)
-                    loss.backward()
-                    loss_sum = loss_sum + loss.detach()
-                    share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
-                    for name, value in micro_metrics.items():
-                        loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), config.optim.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping before "
-                                             f"the update (last checkpoint: {checkpoints.latest()})")
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                # one fused norm over the weights, one sync: an update (e.g. a huge lr times weight decay) can
-                # overflow them with finite gradients
-                if not torch.isfinite(torch.nn.utils.get_total_norm(lm.model.parameters())):
-                    raise FloatingPointError(f"step {step + 1}: the weights are not finite after the update (lr "
-                                             f"{lr:g}); stopping (last checkpoint: {checkpoints.latest()})")
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                updates_left -= 1
-                loss_sum, grad_norm, loss_metrics = read_back(loss_sum, grad_norm, loss_metrics)
-                seconds = time.perf_counter() - started
-                metrics = {"step": step, "epoch": position / len(rows), "loss": loss_sum, "grad_norm": grad_norm,
-                           "lr": lr, "rollout_tokens": rollout_tokens, "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
-                           "peak_memory_gb": peak_memory_gb(device), **batch_metrics, **loss_metrics}
-                last = finished()
+            run.lm.model.train()
+            while not run.finished():
+                metrics = run.step()
+                step, last = run.state.step, run.finished()
                 if step % config.log_every == 0 or last:
                     log.write(step, metrics)
-                bar.update(task, completed=step, metrics=f"loss {loss_sum:.4f} grad {grad_norm:.3f}")
-                if eval_rows and ((config.eval.every and step % config.eval.every == 0) or last):
+                bar.update(task, completed=step, metrics=f"loss {metrics['loss']:.4f} grad {metrics['grad_norm']:.3f}")
+                if run.eval_rows and ((config.eval.every and step % config.eval.every == 0) or last):
                     run_evaluation(step, bar)
-                save_due = save_due or bool(config.save_every and step % config.save_every == 0)
-                # checkpoints are taken between batches (a batch may serve several updates), and at the end
-                if config.keep_last and ((save_due and updates_left == 0) or last):
-                    checkpoints.save(lm, optimizer, step, position, rollout_tokens, config, data_digest)
-                    save_due = False
+                run.save_if_due(last)
     finally:
         log.close()

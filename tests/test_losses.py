@@ -15,6 +15,7 @@ import torch
 from osft_kernels.losses import (
     aggregate,
     aggregation_weights,
+    count_items,
     group_advantages,
     grpo_loss,
     kl_penalty,
@@ -78,6 +79,29 @@ def test_aggregate_of_empty_batch_is_zero_with_zero_grad():
         out = aggregate(loss, mask, agg)
         (grad,) = torch.autograd.grad(out, loss)
         assert out.item() == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("count_empty", [False, True])
+def test_count_items_is_what_each_aggregation_divides_by(count_empty):
+    """count_items, hand-counted on the ragged mask (rows of 9, 4, 5 and 0 tokens), and as num_items it
+    leaves each aggregation unchanged; micro-batches given the whole batch's count sum to its loss."""
+    mask = ragged_mask()
+    expected = {"token-mean": 18.0, "seq-mean-token-mean": 4.0 if count_empty else 3.0,
+                "seq-mean-token-sum": 4.0 if count_empty else 3.0, "seq-mean-token-sum-norm": 4.0}
+    loss = torch.randn(4, 9, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for agg, count in expected.items():
+        assert count_items(mask, agg, count_empty_sequences=count_empty) == count
+        whole = aggregate(loss, mask, agg, count_empty_sequences=count_empty)
+        assert float(aggregate(loss, mask, agg, num_items=count)) == pytest.approx(float(whole), abs=1e-12)
+        parts = sum(float(aggregate(loss[rows], mask[rows], agg, num_items=count))
+                    for rows in (slice(0, 1), slice(1, 4)))
+        assert parts == pytest.approx(float(whole), abs=1e-12)
+    empty = torch.zeros(2, 5, dtype=torch.bool)
+    assert [count_items(empty, agg) for agg in expected] == [1.0, 1.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="agg='constant' divides by norm_length"):
+        count_items(mask, "constant")
+    with pytest.raises(ValueError, match="agg must be one of"):
+        count_items(mask, "mean")
 
 
 def test_aggregation_arguments_are_checked():

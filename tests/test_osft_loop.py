@@ -50,7 +50,9 @@ def final_weights(run_dir):
     ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("recipe=dpo", r"recipe must be one of \['sft', 'osft', 'pear', 'grpo'\]"),
-    ("grpo.dual_clip=0.5", r"grpo.dual_clip must be 0 \(off\) or > 1"),
+    ("grpo.dual_clip=0.5", r"grpo.dual_clip must be null \(off\) or > 1"),
+    ("grpo.dual_clip=0", r"grpo.dual_clip must be null \(off\) or > 1"),
+    ("grpo.is_cap=0", "grpo.is_cap must be > 0"),
     ("grpo.agg=mean", "grpo.agg must be one of"),
     ("max_steps=-1", "max_steps must be >= 0"),
     ("model.gradient_checkpointing=yes please", "model.gradient_checkpointing must be true or false"),
@@ -286,7 +288,7 @@ def test_grpo_scores_old_and_reference_logprobs_through_the_micro_batches(tmp_pa
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_grpo_importance_sampling_on_policy_runs_the_decoder_once(tmp_path, model_dir, data_file, monkeypatch, level):
-    """With ``is_cap > 0`` and one update per batch, the trainer's side of the importance weights comes
+    """With ``is_cap`` set and one update per batch, the trainer's side of the importance weights comes
     from the fused pass itself: one decoder forward per micro-batch, and the loss of explicit weights
     from a separate scoring pass."""
     from osft.model import CausalLM

@@ -1,12 +1,12 @@
 """``grpo``: ``num_generations`` completions per prompt, rewards, group-normalized advantages, and
 the clipped policy loss of :func:`osft_kernels.losses.grpo_loss` (clip-higher, dual clip, KL to the
 frozen initial model when ``kl_coef > 0``, truncated importance sampling against the rollout
-engine's logprobs when ``is_cap > 0``). Each batch serves ``num_iterations`` optimizer steps; with
+engine's logprobs when ``is_cap`` is set). Each batch serves ``num_iterations`` optimizer steps; with
 more than one, the old policy's logprobs are scored before the first."""
 import torch
 from torch import Tensor
 
-from osft_kernels.losses import group_advantages, grpo_loss
+from osft_kernels.losses import count_items, group_advantages, grpo_loss
 
 from ..config import Config
 from ..data import Sequences, micro_batches, pack, prompt_text, tokenize_prompts
@@ -71,10 +71,7 @@ class GRPORecipe:
         return scored
 
     def num_items(self, batch: Sequences) -> float:
-        agg = self.config.grpo.agg
-        if agg == "token-mean":
-            return float(max(batch.num_targets, 1))
-        return float(max(batch.num_sequences, 1) if agg != "seq-mean-token-sum-norm" else batch.labels.shape[0])
+        return count_items(batch.target_mask, self.config.grpo.agg)
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         grpo = self.config.grpo
@@ -82,10 +79,10 @@ class GRPORecipe:
         ref = micro.shifted("ref_logprobs") if "ref_logprobs" in micro.token_values else None
         # truncated importance sampling against the engine, on policy from the fused pass's own logprobs
         importance = {"rollout_logprobs": micro.shifted("engine_logprobs"), "is_cap": grpo.is_cap,
-                      "is_level": grpo.is_level} if grpo.is_cap > 0 else {}
+                      "is_level": grpo.is_level} if grpo.is_cap is not None else {}
         loss, metrics = grpo_loss(**self.lm.fused_inputs(micro, grpo.temperature), old_logprobs=old,
                                   advantages=micro.row_values["advantages"], ref_logprobs=ref, **importance,
-                                  clip_low=grpo.clip_low, clip_high=grpo.clip_high, dual_clip=grpo.dual_clip or None,
+                                  clip_low=grpo.clip_low, clip_high=grpo.clip_high, dual_clip=grpo.dual_clip,
                                   kl_coef=grpo.kl_coef, kl_estimator=grpo.kl_estimator, entropy_coef=grpo.entropy_coef,
                                   agg=grpo.agg, num_items=num_items,
                                   norm_length=float(self.config.rollout.max_new_tokens))

@@ -4,7 +4,7 @@ reference model. With ``rollout.mask_truncated_completions``, responses cut at `
 not trained on."""
 from torch import Tensor
 
-from osft_kernels.losses import sampling_temperature, sft_loss
+from osft_kernels.losses import count_items, sampling_temperature, sft_loss
 
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts
@@ -32,7 +32,7 @@ class OSFTRecipe:
         return batch, {"tau_s": tau_s, **completion_metrics(completions)}
 
     def num_items(self, batch: Sequences) -> float:
-        return float(max(batch.num_targets, 1))
+        return count_items(batch.target_mask, "token-mean")
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         return sft_loss(**self.lm.fused_inputs(micro, self.config.osft.tau_t), normalize="tokens",

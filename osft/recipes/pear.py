@@ -3,7 +3,7 @@ weights of the current policy over the behavior policy that produced the data
 (:func:`osft_kernels.losses.pear_loss`). The behavior logprobs come from ``osft score``."""
 from torch import Tensor
 
-from osft_kernels.losses import pear_loss
+from osft_kernels.losses import NORMALIZATIONS, count_items, pear_loss
 
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts, tokenize_responses_with_values
@@ -25,7 +25,7 @@ class PEARRecipe:
         return batch, {}
 
     def num_items(self, batch: Sequences) -> float:
-        return float(batch.num_sequences if self.config.pear.normalize == "sequences" else batch.num_targets)
+        return count_items(batch.target_mask, NORMALIZATIONS[self.config.pear.normalize])
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         pear = self.config.pear

@@ -1,7 +1,7 @@
 """``sft``: supervised fine-tuning on the dataset's responses (token-mean or sequence-mean NLL)."""
 from torch import Tensor
 
-from osft_kernels.losses import sft_loss
+from osft_kernels.losses import NORMALIZATIONS, count_items, sft_loss
 
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts, tokenize_responses
@@ -22,7 +22,7 @@ class SFTRecipe:
         return batch, {}
 
     def num_items(self, batch: Sequences) -> float:
-        return float(batch.num_sequences if self.config.sft.normalize == "sequences" else batch.num_targets)
+        return count_items(batch.target_mask, NORMALIZATIONS[self.config.sft.normalize])
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         return sft_loss(**self.lm.fused_inputs(micro), normalize=self.config.sft.normalize, num_items=num_items), {}

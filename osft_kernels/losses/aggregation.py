@@ -37,6 +37,8 @@ from torch import Tensor
 from ..inputs import check_positive_number, is_finite_number
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "constant")
+# the ``normalize`` names of the SFT and PEAR losses
+NORMALIZATIONS = {"tokens": "token-mean", "sequences": "seq-mean-token-mean"}
 
 
 def check_mask(mask, like: Tensor, name: str = "mask") -> Tensor:
@@ -60,6 +62,26 @@ def _positive_count(name: str, value) -> float | None:
         return None
     check_positive_number(name, value)
     return float(value)
+
+
+def count_items(mask: Tensor, agg: str = "token-mean", *, count_empty_sequences: bool = False) -> float:
+    """What ``agg``'s mean divides by over ``mask [..., T]``, the last column of the table: the
+    token count, the sequence count (non-empty ones, or all with ``count_empty_sequences``), or
+    ``B``; at least 1, so that an empty batch gives a zero loss. Passed as ``num_items``, the count
+    of a whole batch makes the losses of its micro-batches sum to the batch's."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if agg == "constant":
+        raise ValueError("agg='constant' divides by norm_length, not by a count")
+    mask = check_mask(mask, mask)
+    if mask.dim() < 1:
+        raise ValueError("mask must have at least one dimension (tokens)")
+    if agg == "token-mean":
+        return max(float(mask.sum()), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return max(float(mask.shape[:-1].numel()), 1.0)
+    tokens = mask.sum(-1)
+    return max(float(tokens.numel() if count_empty_sequences else (tokens > 0).sum()), 1.0)
 
 
 def aggregation_weights(mask: Tensor, agg: str = "token-mean", *, num_items: float | None = None,
@@ -88,18 +110,16 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean", *, num_items: flo
         raise ValueError("num_items has no meaning for agg='constant'; scale norm_length instead")
     m = mask.to(dtype)
     length = float(mask.shape[-1]) if norm_length is None else norm_length
-    if agg == "token-mean":
-        return m / (num_items or max(float(m.sum()), 1.0))
     if agg == "constant":
         return m / length
+    count = num_items or count_items(mask, agg, count_empty_sequences=count_empty_sequences)
+    if agg == "token-mean":
+        return m / count
     if agg == "seq-mean-token-sum-norm":
-        return m / ((num_items or float(mask.shape[:-1].numel())) * length)
-    tokens = m.sum(-1, keepdim=True)
-    counted = tokens.numel() if count_empty_sequences else float((tokens > 0).sum())
-    sequences = num_items or max(counted, 1.0)
+        return m / (count * length)
     if agg == "seq-mean-token-sum":
-        return m / sequences
-    return m / (tokens.clamp(min=1.0) * sequences)  # seq-mean-token-mean
+        return m / count
+    return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * count)  # seq-mean-token-mean
 
 
 def aggregate(token_loss: Tensor, mask: Tensor, agg: str = "token-mean", *, num_items: float | None = None,

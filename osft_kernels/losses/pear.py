@@ -22,8 +22,7 @@ from torch import Tensor
 
 from ..api import linear_logprobs
 from ..inputs import is_finite_number, target_mask
-from .aggregation import aggregate, check_mask
-from .sft import NORMALIZATIONS
+from .aggregation import NORMALIZATIONS, aggregate, check_mask
 
 LEVELS = ("token", "block", "sequence")
 

@@ -13,9 +13,7 @@ from torch import Tensor
 
 from .. import inputs
 from ..api import linear_cross_entropy
-from .aggregation import aggregation_weights
-
-NORMALIZATIONS = {"tokens": "token-mean", "sequences": "seq-mean-token-mean"}
+from .aggregation import NORMALIZATIONS, aggregation_weights
 
 
 def unshift(values: Tensor, shift: bool) -> Tensor:

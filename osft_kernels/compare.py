@@ -1,6 +1,6 @@
 """Fused vs naive, side by side: the same losses and gradients, a fraction of the memory.
 
-    python -m osft_kernels.demo [--tokens 4096 --hidden 1024 --vocab 32000]
+    python -m osft_kernels.compare [--tokens 4096 --hidden 1024 --vocab 32000]
 
 Runs cross-entropy (mean) and per-token logprobs + entropy with non-uniform upstream gradients,
 forward and backward, once with materialized logits (``hidden @ weight.T`` then PyTorch's softmax
