@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from osft_kernels import target_mask
+
 from .config import DataConfig
 
 IGNORE = -100
@@ -137,7 +139,7 @@ class Sequences:
     @property
     def target_mask(self) -> Tensor:
         """Bool ``[B, T - 1]``: which shifted targets ``labels[:, 1:]`` carry loss."""
-        return self.labels[:, 1:] != IGNORE
+        return target_mask(self.labels, IGNORE, shift=True)
 
     @property
     def num_targets(self) -> int:

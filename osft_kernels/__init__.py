@@ -9,7 +9,8 @@ from .api import (
     linear_token_outputs,
 )
 from .backends import BACKENDS, backend_name
+from .inputs import target_mask
 
 __all__ = ["BACKENDS", "LogProbs", "TokenOutputs", "backend_name", "linear_cross_entropy", "linear_logprobs",
-           "linear_token_loss", "linear_token_outputs"]
+           "linear_token_loss", "linear_token_outputs", "target_mask"]
 __version__ = "0.1.0"

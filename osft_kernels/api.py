@@ -168,7 +168,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             n, dtype=inputs.compute_dtype(hidden.dtype))
         if reduction == "mean":
             token_weight = token_weight / max(n, 1)
-        if inputs.wants_grad(hidden, weight, bias) and hasattr(impl, "summed_loss"):
+        if inputs.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
             def token_loss(stats: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
                 return token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss) * token_weight[r0:r1]
 
@@ -215,7 +215,7 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
         row = RowStats.of(stats)
         return token_loss(token_logprobs(row), row.entropy if return_entropy else None, positions[r0:r1])
 
-    if inputs.wants_grad(hidden, weight, bias) and hasattr(impl, "summed_loss"):
+    if inputs.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
         loss, stats = impl.summed_loss(rows, weight, bias, softcap, loss_of_stats, entropy=return_entropy,
                                        mean=False, options=options)
     else:

@@ -39,6 +39,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .backend import Backend
 from .inputs import TokenRows, compute_dtype
 from .row_stats import ENTROPY, LSE, MAX_LOGIT, MEAN_LOGIT, NUM_STATS, SQUARE_LSE, TARGET_LOGIT, stat_grads
 
@@ -677,6 +678,10 @@ class ChunkedBackend:
         self.check(rows.hidden)
         return summed_loss(self.make_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
                            memory_budget=options.memory_budget)
+
+    def backend(self, name: str) -> Backend:
+        """These entry points under ``name``, as the ops call them."""
+        return Backend(name, self.row_stats, self.row_stats_grads, self.summed_loss)
 
     def row_stats_grads(self, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                         stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, options,

@@ -300,7 +300,7 @@ def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_
             temperature = temperature[..., :-1]
 
     flat_targets = targets.reshape(-1)
-    keep = flat_targets != ignore_index
+    keep = target_mask(flat_targets, ignore_index, shift=False)
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     out_index = source_rows = None
     if shift or not bool(keep.all()):

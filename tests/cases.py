@@ -27,7 +27,7 @@ def bf16_grad_tolerance(backend: str, d: int) -> dict:
     on CPU tensors: the cpu backend runs bfloat16 products for even ``d`` where the CPU has them (AMX
     or AVX512-BF16)."""
     name = backend.split("-")[0]
-    on_cpu_backend = name == "cpu" or (name == "auto" and resolve_backend("auto", torch.device("cpu")) is cpu)
+    on_cpu_backend = name == "cpu" or (name == "auto" and resolve_backend("auto", torch.device("cpu")) is cpu.BACKEND)
     if on_cpu_backend and d % 2 == 0 and cpu.bfloat16_products():
         return HALF_OPERAND_GRAD_TOLERANCE
     return BF16_GRAD_TOLERANCE

@@ -27,15 +27,16 @@ def test_extension_is_built_and_is_the_default_on_cpu():
     variant, row_tile, message = cpu.extension()
     assert variant == cpu.machine_variant(), message
     assert row_tile > 0 and row_tile % 16 == 0
-    assert resolve_backend("auto", torch.device("cpu")) is cpu and backend_name("auto", torch.device("cpu")) == "cpu"
-    assert resolve_backend("cpu", torch.device("cpu")) is cpu
+    assert resolve_backend("auto", torch.device("cpu")) is cpu.BACKEND
+    assert backend_name("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("cpu", torch.device("cpu")).name == "cpu"
 
 
 def test_missing_extension_says_how_to_build_it_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(cpu, "extension", lambda: (None, 0, "osft_kernels was installed without it; build it"))
     with pytest.raises(ValueError, match="backend 'cpu' is not available: osft_kernels was installed without it"):
         resolve_backend("cpu", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) is torch_chunked
+    assert resolve_backend("auto", torch.device("cpu")) is torch_chunked.BACKEND
     assert backend_name("auto", torch.device("cpu")) == "torch"
 
 

@@ -246,7 +246,7 @@ def test_capabilities_map_to_their_configs():
 
 
 def test_auto_uses_triton_for_cuda_tensors():
-    assert resolve_backend("auto", torch.device("cuda")) is triton_chunked
+    assert resolve_backend("auto", torch.device("cuda")) is triton_chunked.BACKEND
 
 
 def test_float64_is_refused_with_a_clear_error():

@@ -1,18 +1,17 @@
-"""Backends compute the row statistics of :mod:`osft_kernels.row_stats` for a batch of token rows.
+"""The backends, one module each, and how a backend name is resolved.
 
-Each backend module provides ``row_stats(rows, weight, bias, softcap, *, entropy, mean, square, options)``;
-the chunked ones (``torch``, ``triton``, ``cpu``: the driver of :mod:`osft_kernels.driver` with their
-own chunk kernels) also provide ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean,
-options)``, which forms the gradients of a sum of per-token losses during the forward pass. The
+Each module's ``BACKEND`` is an :class:`osft_kernels.backend.Backend`: the row statistics of
+:mod:`osft_kernels.row_stats` for a batch of token rows, their gradients, and for the chunked ones
+(``torch``, ``triton``, ``cpu``, ``cuda``: the driver of :mod:`osft_kernels.driver` with their own
+chunk kernels) the gradients of a sum of per-token losses formed during the forward pass. The
 triton backend is imported only when it is used, so ``osft_kernels`` works without triton installed.
 """
 import importlib
 import importlib.util
-import os
-from types import ModuleType
 
 import torch
 
+from ..backend import Backend
 from . import cpu, cuda_chunked, reference, torch_chunked
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "cuda")
@@ -22,15 +21,16 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_backend(device: torch.device) -> ModuleType:
+def _triton_backend(device: torch.device) -> Backend:
     if not triton_installed():
         raise ValueError("backend 'triton' needs the triton package: pip install triton "
                          "(CUDA builds of torch on Linux include it)")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type != "cuda" and not interpreting:
+    from ..triton_kernels import configs  # the interpreter switch, read when the kernels are defined
+
+    if device.type != "cuda" and not configs.INTERPRETING:
         raise ValueError(f"backend 'triton' needs CUDA tensors, got {device} tensors "
                          f"(set TRITON_INTERPRET=1 before importing osft_kernels to run it on CPU tensors)")
-    return importlib.import_module(".triton_chunked", __name__)
+    return importlib.import_module(".triton_chunked", __name__).BACKEND
 
 
 def backend_name(name, device: torch.device) -> str:
@@ -48,16 +48,11 @@ def backend_name(name, device: torch.device) -> str:
     return name
 
 
-def resolve_backend(name, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` (:func:`backend_name`) and tensors on ``device``."""
+def resolve_backend(name, device: torch.device) -> Backend:
+    """The backend ``name`` picks (:func:`backend_name`) for tensors on ``device``."""
     name = backend_name(name, device)
-    if name == "reference":
-        return reference
-    if name == "torch":
-        return torch_chunked
     if name == "triton":
         return _triton_backend(device)
     if name == "cpu":
         cpu.check_available(device)
-        return cpu
-    return cuda_chunked
+    return {"reference": reference, "torch": torch_chunked, "cpu": cpu, "cuda": cuda_chunked}[name].BACKEND

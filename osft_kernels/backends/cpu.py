@@ -232,5 +232,4 @@ def check_available(device: torch.device) -> None:
         raise ValueError(f"backend 'cpu' is not available: {message}")
 
 
-BACKEND = driver.ChunkedBackend(CpuKernels)
-row_stats, summed_loss, row_stats_grads = BACKEND.row_stats, BACKEND.summed_loss, BACKEND.row_stats_grads
+BACKEND = driver.ChunkedBackend(CpuKernels).backend("cpu")

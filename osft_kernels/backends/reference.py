@@ -5,6 +5,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ..backend import Backend
 from ..driver import LOG_ZERO
 from ..inputs import BackendOptions, TokenRows, compute_dtype
 
@@ -51,3 +52,6 @@ def _entropy(logits: Tensor) -> Tensor:
     A ``-inf`` logit (a masked entry) has ``p = 0`` and adds 0."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp.clamp(min=LOG_ZERO)).sum(-1)
+
+
+BACKEND = Backend("reference", row_stats, row_stats_grads)

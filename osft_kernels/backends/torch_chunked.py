@@ -132,5 +132,4 @@ class TorchEpilogue:
 
 
 # fresh epilogue per call: its work buffers live for one call
-BACKEND = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TorchEpilogue()))
-row_stats, summed_loss, row_stats_grads = BACKEND.row_stats, BACKEND.summed_loss, BACKEND.row_stats_grads
+BACKEND = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TorchEpilogue())).backend("torch")

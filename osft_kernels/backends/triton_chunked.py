@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import driver
+from ..backend import Backend
 from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer, ceil_div, inverse_temperature
 from ..inputs import BackendOptions, TokenRows, wants_grad
 from ..row_stats import NUM_STATS
@@ -126,8 +127,7 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     return stats
 
 
-BACKEND = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TritonEpilogue()), check_inputs)
-summed_loss, row_stats_grads = BACKEND.summed_loss, BACKEND.row_stats_grads
+CHUNKED = driver.ChunkedBackend(lambda: driver.GemmEpilogue(TritonEpilogue()), check_inputs)
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
@@ -137,5 +137,8 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
     check_inputs(rows.hidden)
     if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
         return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square)
-    return driver.row_stats(BACKEND.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+    return driver.row_stats(CHUNKED.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
                             square=square, memory_budget=options.memory_budget)
+
+
+BACKEND = Backend("triton", row_stats, CHUNKED.row_stats_grads, CHUNKED.summed_loss)

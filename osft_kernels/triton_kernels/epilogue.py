@@ -17,6 +17,7 @@ cuBLAS; both kernels apply bias, softcap and ``1 / temperature`` as they read it
 import triton
 import triton.language as tl
 
+from . import layout
 from .tiles import online_softmax_init, online_softmax_step, tanh
 
 
@@ -56,11 +57,11 @@ def block_stats_kernel(logits_ptr, stride_l, bias_ptr, targets_ptr, inv_temp_ptr
         m, l, s, z_sum, q, target_logit = online_softmax_step(z, cols, col_mask, target, m, l, s, z_sum, q,
                                                               target_logit, MEAN, ENTROPY, SQUARE)
     out = partials_ptr + rows * stride_p + block * PARTIALS
-    tl.store(out, m, mask=row_mask)
-    tl.store(out + 1, l, mask=row_mask)
-    tl.store(out + 2, s, mask=row_mask)
-    tl.store(out + 3, z_sum, mask=row_mask)
-    tl.store(out + 4, q, mask=row_mask)
+    tl.store(out + layout.PARTIAL_MAX, m, mask=row_mask)
+    tl.store(out + layout.PARTIAL_SUM, l, mask=row_mask)
+    tl.store(out + layout.PARTIAL_ENTROPY, s, mask=row_mask)
+    tl.store(out + layout.PARTIAL_LOGIT_SUM, z_sum, mask=row_mask)
+    tl.store(out + layout.PARTIAL_SQUARE_SUM, q, mask=row_mask)
     in_block = (target >= block * BLOCK) & (target < tl.minimum(block * BLOCK + BLOCK, W))
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & in_block)
 
@@ -78,12 +79,12 @@ def logit_grad_kernel(logits_ptr, stride_l, dz_ptr, stride_dz, bias_ptr, targets
     row_mask = rows < R
     inv_temp = tl.load(inv_temp_ptr + rows, mask=row_mask, other=1.0)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - v0
-    lse = tl.load(stats_ptr + rows * STATS, mask=row_mask, other=0.0)[:, None]
-    entropy = tl.load(stats_ptr + rows * STATS + 3, mask=row_mask, other=0.0)[:, None]
-    c_lse = tl.load(coef_ptr + rows * STATS, mask=row_mask, other=0.0)[:, None]
-    c_target = tl.load(coef_ptr + rows * STATS + 1, mask=row_mask, other=0.0)[:, None]
-    c_mean = tl.load(coef_ptr + rows * STATS + 2, mask=row_mask, other=0.0)[:, None]
-    c_entropy = tl.load(coef_ptr + rows * STATS + 3, mask=row_mask, other=0.0)[:, None]
+    lse = tl.load(stats_ptr + rows * STATS + layout.LSE, mask=row_mask, other=0.0)[:, None]
+    entropy = tl.load(stats_ptr + rows * STATS + layout.ENTROPY_STAT, mask=row_mask, other=0.0)[:, None]
+    c_lse = tl.load(coef_ptr + rows * STATS + layout.LSE, mask=row_mask, other=0.0)[:, None]
+    c_target = tl.load(coef_ptr + rows * STATS + layout.TARGET_LOGIT, mask=row_mask, other=0.0)[:, None]
+    c_mean = tl.load(coef_ptr + rows * STATS + layout.MEAN_LOGIT, mask=row_mask, other=0.0)[:, None]
+    c_entropy = tl.load(coef_ptr + rows * STATS + layout.ENTROPY_STAT, mask=row_mask, other=0.0)[:, None]
     for c0 in range(0, W, TILE):
         cols = c0 + tl.arange(0, TILE)
         col_mask = cols < W

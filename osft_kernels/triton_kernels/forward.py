@@ -14,6 +14,7 @@ Only ``O(n * V / chunk)`` values reach global memory.
 import triton
 import triton.language as tl
 
+from . import layout
 from .tiles import logits_tile, online_softmax_init, online_softmax_step
 
 
@@ -47,13 +48,13 @@ def row_partials_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, inv_temp_
                                                               target_logit, MEAN, ENTROPY, SQUARE)
 
     out = partials_ptr + chunk.to(tl.int64) * PARTIALS * N + rows
-    tl.store(out, m, mask=row_mask)
-    tl.store(out + N, l, mask=row_mask)
-    tl.store(out + 2 * N, s, mask=row_mask)
-    tl.store(out + 3 * N, z_sum, mask=row_mask)
-    tl.store(out + 4 * N, q, mask=row_mask)
+    tl.store(out + layout.PARTIAL_MAX * N, m, mask=row_mask)
+    tl.store(out + layout.PARTIAL_SUM * N, l, mask=row_mask)
+    tl.store(out + layout.PARTIAL_ENTROPY * N, s, mask=row_mask)
+    tl.store(out + layout.PARTIAL_LOGIT_SUM * N, z_sum, mask=row_mask)
+    tl.store(out + layout.PARTIAL_SQUARE_SUM * N, q, mask=row_mask)
     in_chunk = (target >= first_tile * BLOCK_V) & (target < last_tile * BLOCK_V)
-    tl.store(stats_ptr + rows.to(tl.int64) * STATS + 1, target_logit, mask=row_mask & in_chunk)
+    tl.store(stats_ptr + rows.to(tl.int64) * STATS + layout.TARGET_LOGIT, target_logit, mask=row_mask & in_chunk)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -67,25 +68,26 @@ def merge_partials_kernel(partials_ptr, stats_ptr, N, V, num_chunks, BLOCK: tl.c
     chunk_stride = N.to(tl.int64) * PARTIALS
     for chunk in range(num_chunks):
         src = partials_ptr + chunk * chunk_stride + rows
-        m_c = tl.load(src, mask=row_mask, other=0.0)
-        l_c = tl.load(src + N, mask=row_mask, other=1.0)
-        s_c = tl.load(src + 2 * N, mask=row_mask, other=0.0)
+        m_c = tl.load(src + layout.PARTIAL_MAX * N, mask=row_mask, other=0.0)
+        l_c = tl.load(src + layout.PARTIAL_SUM * N, mask=row_mask, other=1.0)
+        s_c = tl.load(src + layout.PARTIAL_ENTROPY * N, mask=row_mask, other=0.0)
         m_new = tl.maximum(m, m_c)
         shift, shift_c = m - m_new, m_c - m_new
         alpha, alpha_c = tl.exp(shift), tl.exp(shift_c)
         s = alpha * (s + shift * l) + alpha_c * (s_c + shift_c * l_c)
         l = alpha * l + alpha_c * l_c
         if SQUARE:
-            q = alpha * alpha * q + alpha_c * alpha_c * tl.load(src + 4 * N, mask=row_mask, other=0.0)
+            q = alpha * alpha * q + alpha_c * alpha_c * tl.load(src + layout.PARTIAL_SQUARE_SUM * N, mask=row_mask,
+                                                                other=0.0)
         m = m_new
-        z_sum += tl.load(src + 3 * N, mask=row_mask, other=0.0)
+        z_sum += tl.load(src + layout.PARTIAL_LOGIT_SUM * N, mask=row_mask, other=0.0)
     out = stats_ptr + rows.to(tl.int64) * STATS
     log_l = tl.log(l)
-    tl.store(out, m + log_l, mask=row_mask)
+    tl.store(out + layout.LSE, m + log_l, mask=row_mask)
     if MEAN:
-        tl.store(out + 2, z_sum / V, mask=row_mask)
+        tl.store(out + layout.MEAN_LOGIT, z_sum / V, mask=row_mask)
     if ENTROPY:
-        tl.store(out + 3, log_l - s / l, mask=row_mask)
-    tl.store(out + 4, m, mask=row_mask)
+        tl.store(out + layout.ENTROPY_STAT, log_l - s / l, mask=row_mask)
+    tl.store(out + layout.MAX_LOGIT, m, mask=row_mask)
     if SQUARE:
-        tl.store(out + 5, 2 * m + tl.log(q), mask=row_mask)
+        tl.store(out + layout.SQUARE_LSE, 2 * m + tl.log(q), mask=row_mask)
