@@ -8,6 +8,7 @@ order); fused paths on float32 inputs match the float64 reference to 1e-5 relati
 import importlib.util
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -609,6 +610,34 @@ def test_grpo_loss_forms_importance_weights_from_rollout_logprobs(fused, level, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for name in expected_metrics:
         torch.testing.assert_close(metrics[name], expected_metrics[name], rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_loss_reads_back_three_values_per_call(monkeypatch):
+    """One fused GRPO call with every per-token input reads three values back to the host: the
+    target range check, one finite check of all per-token inputs, and (in backward) whether the
+    upstream gradient is 1; none per chunk or per input."""
+    import sys
+
+    import osft_kernels
+
+    package = str(Path(osft_kernels.__file__).parent)
+    reads = []
+
+    def counted(method):
+        def read(self, *args):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append(sys._getframe(1).f_code.co_name)
+            return method(self, *args)
+        return read
+
+    hidden, weight, targets, old, ref, adv = grpo_case(seed=4)
+    rollout = torch.where(targets[:, 1:] != -100, old + 0.1, 0.0)
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    loss, _ = grpo_loss(hidden, weight, targets, None, adv, ref_logprobs=ref, rollout_logprobs=rollout, kl_coef=0.1,
+                        entropy_coef=0.01, shift=True, backend="cpu", memory_budget=1984)
+    loss.backward()
+    assert len(reads) == 3, reads
 
 
 def test_grpo_loss_refuses_bad_importance_options():

@@ -33,9 +33,15 @@ def _check_log_ratio_limit(value) -> None:
         raise ValueError(f"log_ratio_limit must be None or a finite number > 0, got {value!r}")
 
 
-def _check_finite_at(name: str, value: Tensor | None, mask: Tensor) -> None:
-    if value is not None and not bool(torch.isfinite(value[mask]).all()):
-        raise ValueError(f"{name} must be finite at the masked (completion) tokens")
+def _check_finite_at(mask: Tensor, **values: Tensor | None) -> None:
+    """Refuse the first of ``values`` that is not finite at ``mask``, reading all the checks back at once."""
+    named = [(name, value) for name, value in values.items() if value is not None]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(torch.where(mask, value, 0.0)).all() for _, value in named]).tolist()
+    for (name, _), ok in zip(named, finite):
+        if not ok:
+            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
 
 
 def _check_like(name: str, value, like: Tensor) -> Tensor:
@@ -142,7 +148,7 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
     if nan_rollout not in NAN_ROLLOUT:
         raise ValueError(f"nan_rollout must be one of {NAN_ROLLOUT}, got {nan_rollout!r}")
     trainer, rollout = logp_trainer.detach().float(), logp_rollout.detach().float()
-    _check_finite_at("logp_trainer", trainer, mask)
+    _check_finite_at(mask, logp_trainer=trainer)
     known = ~rollout.isnan() if nan_rollout == "ratio_one" else torch.ones_like(mask)
     if not bool(torch.isfinite(rollout[mask & known]).all()):
         raise ValueError("logp_rollout must be finite at the masked (completion) tokens"
@@ -218,7 +224,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
         raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
     mask = check_mask(mask, logprobs)
-    _check_finite_at("logprobs", logprobs.detach(), mask)
+    _check_finite_at(mask, logprobs=logprobs.detach())
     terms = _policy_terms(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                           dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
                           kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
@@ -249,7 +255,8 @@ def _policy_metrics(parts: dict[str, Tensor], terms: "_PolicyTerms", mask: Tenso
         count = mask.sum().clamp(min=1)
         summary = {name: torch.where(mask, value.detach().float(), 0.0).sum() / count
                    for name, value in metrics.items()}
-        summary["ratio_max"] = torch.where(mask, ratio.detach().float(), 0.0).amax() if bool(mask.any()) \
+        # ratios are > 0, so the masked-out zeros never win; no read-back to ask whether any token is masked in
+        summary["ratio_max"] = torch.where(mask, ratio.detach().float(), 0.0).amax() if mask.numel() \
             else ratio.new_zeros((), dtype=torch.float32)
     return summary
 
@@ -330,9 +337,8 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
     masked = (lambda name, t: None if t is None else torch.where(mask, _check_like(name, t, like).detach(), 0.0))
     ref_logprobs, is_weights = masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights)
     rollout_logprobs = masked("rollout_logprobs", rollout_logprobs)
-    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                        ("is_weights", is_weights), ("rollout_logprobs", rollout_logprobs)):
-        _check_finite_at(name, value, mask)
+    _check_finite_at(mask, advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                     is_weights=is_weights, rollout_logprobs=rollout_logprobs)
     if is_weights is not None and bool((is_weights < 0).any()):
         raise ValueError("is_weights must be >= 0")
     dtype = torch.promote_types(like.dtype, torch.float32)
