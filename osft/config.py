@@ -1,7 +1,8 @@
 """The run configuration: one dataclass tree, read from YAML plus dotted ``key.sub=value`` overrides.
 
 Unknown keys and values of the wrong type, outside their choices or outside their range are refused
-with the full dotted name of the key; ``~`` and environment variables in paths are expanded; the
+with the full dotted name of the key (a numeric field's range is part of its type, e.g.
+``lr: Positive``); ``~`` and environment variables in paths are expanded; the
 resolved configuration is written into the run directory.
 """
 import dataclasses
@@ -11,13 +12,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be run, with the dotted key that is wrong."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, and how its error message states them."""
+
+    test: typing.Callable[[float], bool]
+    says: str
+
+
+# numeric fields, with their range next to them (``Annotated`` metadata that the loader checks)
+Positive = Annotated[float, Range(lambda v: v > 0, "> 0")]
+PositiveInt = Annotated[int, Range(lambda v: v > 0, "> 0")]
+NonNegative = Annotated[float, Range(lambda v: v >= 0, ">= 0")]
+Count = Annotated[int, Range(lambda v: v >= 0, ">= 0")]
+Fraction = Annotated[float, Range(lambda v: 0 < v <= 1, "in (0, 1]")]
+Below1 = Annotated[float, Range(lambda v: 0 <= v < 1, "in [0, 1)")]
+Seed = Annotated[int, Range(lambda v: 0 <= v < 2**32, "in [0, 2**32) (what the RNG seeding functions accept)")]
 
 
 @dataclass
@@ -36,40 +55,40 @@ class DataConfig:
     answer_column: str = "answer"
     response_column: str = "response"    # sft and pear: the response to train on
     behavior_logprobs_column: str = "behavior_logprobs"  # pear
-    max_prompt_tokens: int = 512
-    max_response_tokens: int = 512
+    max_prompt_tokens: PositiveInt = 512
+    max_response_tokens: PositiveInt = 512
 
 
 @dataclass
 class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"  # vllm: colocated, in-process, weights synced after each update
-    max_new_tokens: int = 256
-    top_p: float = 1.0
-    batch_size: int = 16                 # prompts per generate() call (hf engine)
+    max_new_tokens: PositiveInt = 256
+    top_p: Fraction = 1.0
+    batch_size: PositiveInt = 16         # prompts per generate() call (hf engine)
     autocast: Literal["auto", "bfloat16", "off"] = "auto"  # hf engine: generate under bfloat16 autocast;
     # auto: when the weights are float32 and the device multiplies bfloat16 natively (osft.model.native_bfloat16)
     mask_truncated_completions: bool = False  # osft, grpo: completions cut at max_new_tokens get no loss
-    vllm_memory_fraction: float = 0.3    # vLLM's gpu_memory_utilization
+    vllm_memory_fraction: Fraction = 0.3  # vLLM's gpu_memory_utilization
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
+    lr: Positive = 1e-6
+    weight_decay: NonNegative = 0.01
+    beta1: Below1 = 0.9
+    beta2: Below1 = 0.999
     schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    micro_batch_tokens: int = 4096       # tokens per forward/backward; a step accumulates micro-batches
+    warmup_steps: Count = 0
+    max_grad_norm: Positive = 1.0
+    micro_batch_tokens: PositiveInt = 4096  # tokens per forward/backward; a step accumulates micro-batches
 
 
 @dataclass
 class OSFTConfig:
-    tau_s_start: float = 0.6             # sampling temperature at the start (0.9 for general models)
-    tau_s_end: float = 1.0
-    anneal_epochs: float = 2.0           # linear anneal length; tau_s_end = tau_s_start for a constant
-    tau_t: float = 1.0                   # training temperature
+    tau_s_start: Positive = 0.6          # sampling temperature at the start (0.9 for general models)
+    tau_s_end: Positive = 1.0
+    anneal_epochs: Positive = 2.0        # linear anneal length; tau_s_end = tau_s_start for a constant
+    tau_t: Positive = 1.0                # training temperature
 
 
 @dataclass
@@ -80,10 +99,10 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     data: str = ""                       # a held-out .jsonl/.parquet with prompt and answer ("": no evaluation)
-    every: int = 0                       # evaluate every N steps (0: only before training and at the end)
-    samples: int = 4                     # n completions per prompt; pass@k for k = 1, 2, 4, ... <= n
-    temperature: float = 1.0
-    max_prompts: int = 0                 # 0: all
+    every: Count = 0                     # evaluate every N steps (0: only before training and at the end)
+    samples: PositiveInt = 4             # n completions per prompt; pass@k for k = 1, 2, 4, ... <= n
+    temperature: Positive = 1.0
+    max_prompts: Count = 0               # 0: all
     greedy: bool = False                 # also report eval/greedy_pass@1 (one greedy completion per prompt)
     at_start: bool = True                # evaluate before the first step
     reward: Literal["math", "exact_match"] = "math"
@@ -92,8 +111,8 @@ class EvalConfig:
 @dataclass
 class PEARConfig:
     level: Literal["token", "block", "sequence"] = "token"
-    block_size: int = 4
-    gamma: float = 0.999
+    block_size: PositiveInt = 4
+    gamma: Fraction = 0.999
     log_ratio_clip_low: float = -0.08
     log_ratio_clip_high: float = 0.3
     log_weight_clip_low: float = -10.0
@@ -103,19 +122,19 @@ class PEARConfig:
 
 @dataclass
 class GRPOConfig:
-    num_generations: int = 8             # completions per prompt (the group)
-    temperature: float = 1.0             # sampling and training temperature
+    num_generations: PositiveInt = 8     # completions per prompt (the group)
+    temperature: Positive = 1.0          # sampling and training temperature
     reward: Literal["math", "exact_match"] = "math"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    clip_low: float = 0.2
-    clip_high: float = 0.2               # DAPO clip-higher: 0.28
+    clip_low: Below1 = 0.2
+    clip_high: NonNegative = 0.2         # DAPO clip-higher: 0.28
     dual_clip: float | None = None       # None: off; else c > 1 (e.g. 3.0)
-    kl_coef: float = 0.0                 # > 0 loads a frozen copy of the initial model
+    kl_coef: NonNegative = 0.0           # > 0 loads a frozen copy of the initial model
     kl_estimator: Literal["k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+"] = "k3"  # see losses.kl_penalty
     entropy_coef: float = 0.0
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    num_iterations: int = 1              # optimizer steps per generated batch
-    is_cap: float | None = None          # truncated importance sampling cap (> 0) vs the engine's logprobs
+    num_iterations: PositiveInt = 1      # optimizer steps per generated batch
+    is_cap: Positive | None = None       # truncated importance sampling cap (> 0) vs the engine's logprobs
     is_level: Literal["token", "sequence"] = "token"
 
 
@@ -123,16 +142,16 @@ class GRPOConfig:
 class Config:
     recipe: Literal["sft", "osft", "pear", "grpo"] = "osft"
     run_dir: str = "runs/default"
-    seed: int = 0
-    epochs: float = 1.0                  # passes over the training prompts
-    max_steps: int = 0                   # stop after this many optimizer steps (0: no limit)
-    max_rollout_tokens: int = 0          # also stop after the batch where this many tokens were generated (0: no limit)
-    prompts_per_step: int = 8
-    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
-    keep_last: int = 2                   # checkpoints kept (0: none are written)
+    seed: Seed = 0
+    epochs: Positive = 1.0               # passes over the training prompts
+    max_steps: Count = 0                 # stop after this many optimizer steps (0: no limit)
+    max_rollout_tokens: Count = 0        # also stop after the batch where this many tokens were generated (0: no limit)
+    prompts_per_step: PositiveInt = 8
+    save_every: Count = 0                # checkpoint every N steps (0: only at the end)
+    keep_last: Count = 2                 # checkpoints kept (0: none are written)
     resume: Literal["auto", "never"] = "auto"  # never: a run_dir holding checkpoints is refused
     resume_changed: Literal["refuse", "allow"] = "refuse"  # allow: resume with a changed training config
-    log_every: int = 1
+    log_every: PositiveInt = 1
     tensorboard: bool = False            # also write metrics to run_dir/tensorboard
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,27 +164,18 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
-_POSITIVE = {"epochs", "prompts_per_step", "log_every", "lr", "max_new_tokens", "top_p", "batch_size",
-             "micro_batch_tokens", "max_prompt_tokens", "max_response_tokens", "tau_s_start", "tau_s_end",
-             "anneal_epochs", "tau_t", "max_grad_norm", "num_generations", "temperature", "num_iterations",
-             "block_size", "gamma", "samples", "is_cap",
-             "vllm_memory_fraction"}
-_NON_NEGATIVE = {"seed", "max_steps", "save_every", "weight_decay", "warmup_steps", "clip_low", "clip_high",
-                 "kl_coef", "every", "max_prompts", "max_rollout_tokens", "keep_last"}
-_RANGES = {  # dotted key: (the test, the range as stated in the error)
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (what the RNG seeding functions accept)"),
-    "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "rollout.vllm_memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "pear.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "grpo.clip_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
 _PATHS = ("run_dir", "model.path", "data.train", "eval.data")  # ~ and $VARS are expanded
 
 
 def _convert(value, kind, key: str):
     origin = typing.get_origin(kind)
+    if origin is Annotated:  # a numeric field with its Range
+        base, *ranges = typing.get_args(kind)
+        value = _convert(value, base, key)
+        for allowed in ranges:
+            if not allowed.test(value):
+                raise ConfigError(f"{key} must be {allowed.says}, got {value!r}")
+        return value
     if origin is Literal:
         if value not in typing.get_args(kind):
             raise ConfigError(f"{key} must be one of {list(typing.get_args(kind))}, got {value!r}")
@@ -173,7 +183,7 @@ def _convert(value, kind, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(kind):
             return None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        return _convert(value, next(a for a in typing.get_args(kind) if a is not type(None)), key)
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {kind.__name__} fields, got {value!r}")
@@ -203,7 +213,7 @@ def _convert(value, kind, key: str):
 
 
 def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys of {prefix or 'the config'}: "
@@ -213,13 +223,6 @@ def _build(cls, data: dict, prefix: str = ""):
         if name in data:
             key = prefix + name
             value = _convert(data[name], kind, key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                if name in _POSITIVE and value <= 0:
-                    raise ConfigError(f"{key} must be > 0, got {value!r}")
-                if name in _NON_NEGATIVE and value < 0:
-                    raise ConfigError(f"{key} must be >= 0, got {value!r}")
-                if key in _RANGES and not _RANGES[key][0](value):
-                    raise ConfigError(f"{key} must be {_RANGES[key][1]}, got {value!r}")
             if key in _PATHS and value:
                 value = os.path.expandvars(os.path.expanduser(value))
             values[name] = value

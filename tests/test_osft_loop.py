@@ -55,6 +55,10 @@ def final_weights(run_dir):
     ("grpo.is_cap=0", "grpo.is_cap must be > 0"),
     ("grpo.agg=mean", "grpo.agg must be one of"),
     ("max_steps=-1", "max_steps must be >= 0"),
+    ("seed=-1", r"seed must be in \[0, 2\*\*32\)"),
+    ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
+    ("eval.temperature=0", "eval.temperature must be > 0"),
+    ("grpo.is_cap=-2", "grpo.is_cap must be > 0"),
     ("model.gradient_checkpointing=yes please", "model.gradient_checkpointing must be true or false"),
     ("osft.tau_s_start=1.5", "OSFT needs tau_s <= tau_t"),
     ("optim=3", "optim must be a mapping"),
@@ -107,6 +111,11 @@ def test_config_values_and_overrides(tmp_path, model_dir, data_file):
                                                 "optim.lr=1e-5", "model.gradient_checkpointing=true"])
     assert config.recipe == "sft" and config.optim.lr == 1e-5 and config.optim.schedule == "cosine"
     assert config.model.gradient_checkpointing is True and config.prompts_per_step == 4
+    off = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.is_cap=null",
+                             "grpo.dual_clip=null"])
+    on = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.is_cap=2",
+                            "grpo.dual_clip=3"])
+    assert (off.grpo.is_cap, off.grpo.dual_clip) == (None, None) and (on.grpo.is_cap, on.grpo.dual_clip) == (2.0, 3.0)
 
 
 def test_config_requires_model_and_data(tmp_path):
