@@ -58,7 +58,8 @@ _HELP = {
 
 @dataclass
 class DemoSettings:
-    """The demo's knobs (see ``_HELP``); the defaults take 7-10 minutes on 2 CPU cores (bfloat16 or float32 generation)."""
+    """The demo's knobs (see ``_HELP``); the defaults take 7-10 minutes on 2 CPU cores (bfloat16 or
+    float32 generation)."""
 
     model: str = "smollm2-135m"
     run_dir: str = "runs/demo"

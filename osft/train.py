@@ -174,8 +174,6 @@ class Run:
     """One training run, set up by :func:`start_run` (fresh or from its last checkpoint)."""
 
     config: Config
-    run_dir: Path
-    device: torch.device
     lm: CausalLM
     recipe: Recipe
     rows: list[dict]
@@ -215,7 +213,7 @@ class Run:
         # the loss and the metrics stay on the device until the step's one read-back below
         loss_sum, loss_metrics = 0.0, {}
         for micro in micro_batches(batch, config.optim.micro_batch_tokens):
-            loss, micro_metrics = self.recipe.loss(micro.to(self.device), state.num_items)
+            loss, micro_metrics = self.recipe.loss(micro.to(self.lm.device), state.num_items)
             loss.backward()
             loss_sum = loss_sum + loss.detach()
             share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
@@ -241,7 +239,7 @@ class Run:
         return {"step": state.step, "epoch": state.position / len(self.rows), "loss": loss_sum,
                 "grad_norm": grad_norm, "lr": lr, "rollout_tokens": state.rollout_tokens,
                 "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
-                "peak_memory_gb": peak_memory_gb(self.device), **state.batch_metrics, **loss_metrics}
+                "peak_memory_gb": peak_memory_gb(self.lm.device), **state.batch_metrics, **loss_metrics}
 
     def save_if_due(self, last: bool) -> None:
         """A checkpoint every ``save_every`` steps, taken between batches (a batch may serve several
@@ -273,8 +271,7 @@ def start_run(config: Config, run_dir: Path) -> Run:
     model_config = config.model
     if found is not None:  # the trainer continues from the checkpoint's weights
         model_config = ModelConfig(**{**vars(config.model), "path": str(found[0])})
-    device = default_device()
-    lm = load_causal_lm(model_config, device)
+    lm = load_causal_lm(model_config, default_device())
     eval_rows = load_eval_rows(config) if config.eval.data else None
     check_position_limit(config, lm, rows, eval_rows)
     dump_config(config, run_dir / "config.yaml")
@@ -297,7 +294,7 @@ def start_run(config: Config, run_dir: Path) -> Run:
     # the schedule at ``step``, from the config's lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps),
                                                   last_epoch=state.step - 1)
-    return Run(config, run_dir, device, lm, recipe, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
+    return Run(config, lm, recipe, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
                checkpoints, optimizer, scheduler, total_steps, state)
 
 

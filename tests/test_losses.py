@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from read_backs import record_read_backs
 
 from osft_kernels.losses import (
     aggregate,
@@ -616,24 +617,11 @@ def test_grpo_loss_reads_back_three_values_per_call(monkeypatch):
     """One fused GRPO call with every per-token input reads three values back to the host: the
     target range check, one finite check of all per-token inputs, and (in backward) whether the
     upstream gradient is 1; none per chunk or per input."""
-    import sys
-
     import osft_kernels
-
-    package = str(Path(osft_kernels.__file__).parent)
-    reads = []
-
-    def counted(method):
-        def read(self, *args):
-            if sys._getframe(1).f_code.co_filename.startswith(package):
-                reads.append(sys._getframe(1).f_code.co_name)
-            return method(self, *args)
-        return read
 
     hidden, weight, targets, old, ref, adv = grpo_case(seed=4)
     rollout = torch.where(targets[:, 1:] != -100, old + 0.1, 0.0)
-    for name in ("item", "tolist", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    reads = record_read_backs(monkeypatch, str(Path(osft_kernels.__file__).parent))
     loss, _ = grpo_loss(hidden, weight, targets, None, adv, ref_logprobs=ref, rollout_logprobs=rollout, kl_coef=0.1,
                         entropy_coef=0.01, shift=True, backend="cpu", memory_budget=1984)
     loss.backward()

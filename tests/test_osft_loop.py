@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from read_backs import record_read_backs
 from tiny_lm import arithmetic_rows, write_rows
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -333,20 +334,10 @@ def test_a_training_step_reads_values_back_once_whatever_the_micro_batches(tmp_p
     """The loop keeps each micro-batch's loss and metrics on the device: the reads back to Python
     (``item``, ``tolist``, ``bool``) made by the training loop and the recipes do not grow with the number of
     micro-batches of a step."""
-    import sys
+    import osft
 
-    loop_files = [str(Path(sys.modules["osft"].__file__).parent / name) for name in ("train.py", "recipes")]
-    reads = []
-
-    def counted(method):
-        def read(self, *args):
-            caller = sys._getframe(1).f_code.co_filename
-            reads.extend(caller for prefix in loop_files if caller.startswith(prefix))
-            return method(self, *args)
-        return read
-
-    for name in ("item", "tolist", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    package = Path(osft.__file__).parent
+    reads = record_read_backs(monkeypatch, str(package / "train.py"), str(package / "recipes"))
     counts = {}
     for budget in (10_000, 40):
         reads.clear()

@@ -76,6 +76,11 @@ def count_items(mask: Tensor, agg: str = "token-mean", *, count_empty_sequences:
     mask = check_mask(mask, mask)
     if mask.dim() < 1:
         raise ValueError("mask must have at least one dimension (tokens)")
+    return _count(mask, agg, count_empty_sequences)
+
+
+def _count(mask: Tensor, agg: str, count_empty_sequences: bool) -> float:
+    """:func:`count_items` of a checked bool ``mask`` and a counted ``agg``."""
     if agg == "token-mean":
         return max(float(mask.sum()), 1.0)
     if agg == "seq-mean-token-sum-norm":
@@ -112,7 +117,7 @@ def aggregation_weights(mask: Tensor, agg: str = "token-mean", *, num_items: flo
     length = float(mask.shape[-1]) if norm_length is None else norm_length
     if agg == "constant":
         return m / length
-    count = num_items or count_items(mask, agg, count_empty_sequences=count_empty_sequences)
+    count = num_items or _count(mask, agg, count_empty_sequences)
     if agg == "token-mean":
         return m / count
     if agg == "seq-mean-token-sum-norm":
