@@ -8,12 +8,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend as the ops call it, for a batch of token rows (:class:`osft_kernels.inputs.TokenRows`).
+    """A backend as the ops call it, for a batch of token rows (:class:`osft_kernels.inputs.TokenRows`:
+    the caller's ``hidden [N, D]`` and the ``n`` rows of it that are computed).
 
     - ``row_stats(rows, weight, bias, softcap, *, entropy, mean, square, options)``: the differentiable
       ``[n, NUM_STATS]`` statistics of :mod:`osft_kernels.row_stats`.
     - ``row_stats_grads(rows, weight, bias, softcap, stats, grad_stats, *, entropy, mean, options, needs)``:
-      the gradients of ``(rows.hidden, weight, bias)`` (those ``needs`` asks for) from ``grad_stats``.
+      the gradients of ``(rows.hidden [N, D], weight, bias)`` (those ``needs`` asks for) from ``grad_stats``.
     - ``summed_loss(rows, weight, bias, softcap, token_loss, *, entropy, mean, options)``:
       ``(sum_i token_loss_i, stats)`` with the gradients formed during the forward pass; None where
       the backend does not form them, and the ops then go through ``row_stats`` and autograd.

@@ -68,10 +68,10 @@ def row_stats_backward(grad_stats: Tensor, stats: Tensor, hidden: Tensor, weight
     where ``needs`` is False)."""
     rows, weight, bias = _rows(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index,
                                shift)
-    d_rows, d_weight, d_bias = resolve_backend(backend, hidden.device).row_stats_grads(
+    d_hidden, d_weight, d_bias = resolve_backend(backend, hidden.device).row_stats_grads(
         rows, weight, bias, softcap, rows.gather(stats), rows.gather(grad_stats), entropy=entropy, mean=mean,
         options=inputs.BackendOptions(memory_budget), needs=tuple(needs))
-    d_hidden = None if d_rows is None else rows.hidden_grad(d_rows, hidden.shape)
+    d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
     return _or_empty(d_hidden, hidden), _or_empty(d_weight, weight), _or_empty(d_bias, weight)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .backend import Backend
-from .inputs import TokenRows, compute_dtype
+from .inputs import TokenRows, compute_dtype, hidden_grad
 from .row_stats import ENTROPY, LSE, MAX_LOGIT, MEAN_LOGIT, NUM_STATS, SQUARE_LSE, TARGET_LOGIT, stat_grads
 
 VOCAB_BLOCK = 2048
@@ -63,6 +63,7 @@ FINITE_MIN = -3.0e38  # a block max of -inf (a fully masked block) is clamped he
 LOG_ZERO = -1.0e4
 
 TokenLoss = Callable[[Tensor, int, int], Tensor]
+MakeKernels = Callable[[], "ChunkKernels"]  # fresh kernels, whose work buffers live as long as they do
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -217,7 +218,7 @@ class Chunk:
 
     @classmethod
     def of(cls, rows: TokenRows, r0: int, r1: int, dtype: torch.dtype, align: int) -> "Chunk":
-        hidden = rows.hidden[r0:r1].detach().to(dtype)
+        hidden = rows.hidden_rows(r0, r1).detach().to(dtype)
         targets = rows.targets[r0:r1]
         temperature = rows.temperature
         if isinstance(temperature, Tensor):
@@ -414,7 +415,7 @@ class _Driver:
 
     def all_stats(self, rows: TokenRows, *, entropy: bool, mean: bool, square: bool = False) -> Tensor:
         """``[n, NUM_STATS]`` statistics of every row."""
-        n = rows.hidden.shape[0]
+        n = rows.num_rows
         stats = rows.hidden.new_empty(n, NUM_STATS, dtype=self.dtype)
         for r0, r1 in self.plan.row_ranges(n):
             stats[r0:r1] = self.chunk_stats(self.chunk(rows, r0, r1), entropy=entropy, mean=mean,
@@ -519,8 +520,8 @@ def _cast(grads, dtypes) -> tuple:
 def forward_stats(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   *, entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
     """``[n, NUM_STATS]`` statistics in the compute dtype, without autograd."""
-    driver = _Driver(kernels, weight, bias, softcap, rows.hidden.shape[0], entropy=entropy,
-                     memory_budget=memory_budget, full_rows=False)
+    driver = _Driver(kernels, weight, bias, softcap, rows.num_rows, entropy=entropy, memory_budget=memory_budget,
+                     full_rows=False)
     return driver.all_stats(rows, entropy=entropy, mean=mean, square=square)
 
 
@@ -540,14 +541,15 @@ def _check_no_transforms() -> None:
 
 
 class RowStatsFunction(torch.autograd.Function):
-    """``(hidden [n, D], weight [V, D], bias [V] | None) -> row statistics [n, NUM_STATS]``; backward recomputes."""
+    """``(rows.hidden [N, D], weight [V, D], bias [V] | None) -> row statistics [n, NUM_STATS]`` of the
+    computed rows; backward recomputes with fresh kernels, so no work buffer is kept from forward to backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, kernels: ChunkKernels, rows: TokenRows, softcap, entropy: bool, mean: bool,
-                square: bool, memory_budget):
-        stats = forward_stats(kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+    def forward(ctx, hidden, weight, bias, make_kernels: MakeKernels, rows: TokenRows, softcap, entropy: bool,
+                mean: bool, square: bool, memory_budget):
+        stats = forward_stats(make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                               memory_budget=memory_budget)
-        ctx.kernels, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = kernels, rows, softcap, entropy, mean
+        ctx.make_kernels, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = make_kernels, rows, softcap, entropy, mean
         ctx.memory_budget = memory_budget
         # targets and temperature may be the caller's tensors: saved, an in-place edit before backward raises
         temperature = rows.temperature if isinstance(rows.temperature, Tensor) else None
@@ -560,33 +562,38 @@ class RowStatsFunction(torch.autograd.Function):
         hidden, weight, bias, stats, targets, temperature = ctx.saved_tensors
         rows = replace(ctx.rows, hidden=hidden, targets=targets,
                        temperature=ctx.rows.temperature if temperature is None else temperature)
-        grads = row_stats_grads(ctx.kernels, rows, weight, bias, ctx.softcap, stats, grad_stats, entropy=ctx.entropy,
-                                mean=ctx.mean, memory_budget=ctx.memory_budget, needs=ctx.needs_input_grad[:3])
+        grads = row_stats_grads(ctx.make_kernels(), rows, weight, bias, ctx.softcap, stats, grad_stats,
+                                entropy=ctx.entropy, mean=ctx.mean, memory_budget=ctx.memory_budget,
+                                needs=ctx.needs_input_grad[:3])
         return (*grads, *[None] * 7)
 
 
 def row_stats_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, memory_budget: int | None,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` (those ``needs`` asks for, in their dtypes) from the
-    upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``, recomputing
-    the logits."""
+    """Gradients for ``(rows.hidden [N, D], weight, bias)`` (those ``needs`` asks for, in their dtypes) from
+    the upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``,
+    recomputing the logits."""
     hidden = rows.hidden
-    driver = _Driver(kernels, weight, bias, softcap, hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
+    driver = _Driver(kernels, weight, bias, softcap, rows.num_rows, entropy=entropy, memory_budget=memory_budget,
                      full_rows=False)
     coef = grad_stats.to(driver.dtype) / per_row(rows.temperature)
     entropy = entropy and bool(coef[:, ENTROPY].any())
     mean = mean and bool(coef[:, MEAN_LOGIT].any())
-    grads = GradAccumulator(driver.layer, hidden.shape[0], driver.dtype, needs, out_dtype=weight.dtype,
+    grads = GradAccumulator(driver.layer, rows.num_rows, driver.dtype, needs, out_dtype=weight.dtype,
                             span=driver.plan.vocab)
     with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
         driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
-    return _cast(grads.grads(), (hidden.dtype, weight.dtype, weight.dtype))
+    d_rows, d_weight, d_bias = grads.grads()
+    return (None if d_rows is None else rows.hidden_grad(d_rows),
+            *_cast((d_weight, d_bias), (weight.dtype, weight.dtype)))
 
 
 class SummedLossFunction(torch.autograd.Function):
-    """``(sum_i token_loss(stats)_i, stats [n, NUM_STATS])`` with the gradients formed during the forward pass,
-    in token chunks that span the vocabulary (:func:`summed_loss` checks that they fit).
+    """``(rows.hidden [N, D], weight, bias) -> (sum_i token_loss(stats)_i, stats [n, NUM_STATS])`` with the
+    gradients formed during the forward pass, in token chunks that span the vocabulary (:func:`summed_loss`
+    checks that they fit). The gradient of the computed rows is kept ``[n, D]`` in the compute dtype
+    until backward, which places it in ``hidden``'s ``[N, D]`` gradient.
 
     ``token_loss(stats [r, NUM_STATS], r0, r1) -> [r]``: the (weighted) loss of rows ``r0:r1``; it may
     depend only on those rows' statistics and on values fixed before the call. The returned
@@ -596,7 +603,7 @@ class SummedLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, kernels: ChunkKernels, rows: TokenRows, softcap, token_loss: TokenLoss,
                 entropy: bool, mean: bool, memory_budget):
-        n = hidden.shape[0]
+        n = rows.num_rows
         driver = _Driver(kernels, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
                          full_rows=True)
         grads = GradAccumulator(driver.layer, n, driver.dtype, ctx.needs_input_grad[:3])
@@ -615,7 +622,8 @@ class SummedLossFunction(torch.autograd.Function):
         saved = grads.grads()
         ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in saved))
         ctx.has_grad = tuple(g is not None for g in saved)
-        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.hidden_index, ctx.hidden_shape, ctx.hidden_dtype = rows.hidden_index, hidden.shape, hidden.dtype
+        ctx.dtypes = (weight.dtype, weight.dtype)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -624,32 +632,35 @@ class SummedLossFunction(torch.autograd.Function):
         _check_backward_mode()
         # an unscaled float32 gradient is handed over as is, and autograd can adopt it without a copy
         unit = bool(grad_loss == 1)
-        scaled = [(g if unit else g * grad_loss.to(g.dtype)) if has else None
-                  for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        return (*_cast(scaled, ctx.dtypes), *[None] * 7)
+        d_rows, d_weight, d_bias = [(g if unit else g * grad_loss.to(g.dtype)) if has else None
+                                    for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        d_hidden = None if d_rows is None else hidden_grad(d_rows, ctx.hidden_index, ctx.hidden_shape,
+                                                           ctx.hidden_dtype)
+        return (d_hidden, *_cast((d_weight, d_bias), ctx.dtypes), *[None] * 7)
 
 
-def row_stats(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
+def row_stats(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, memory_budget: int | None) -> Tensor:
     """``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`), differentiable in
     the first four columns."""
     _check_no_transforms()
-    return RowStatsFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, entropy, mean, square,
+    return RowStatsFunction.apply(rows.hidden, weight, bias, make_kernels, rows, softcap, entropy, mean, square,
                                   memory_budget)
 
 
-def summed_loss(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                token_loss: TokenLoss, *, entropy: bool, mean: bool,
+def summed_loss(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
+                softcap: float | None, token_loss: TokenLoss, *, entropy: bool, mean: bool,
                 memory_budget: int | None) -> tuple[Tensor, Tensor]:
     """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward."""
     _check_no_transforms()
+    kernels = make_kernels()
     kernels.gemms(weight)
-    plan = chunk_plan(kernels, weight, rows.hidden.shape[0], entropy=entropy, memory_budget=memory_budget,
+    plan = chunk_plan(kernels, weight, rows.num_rows, entropy=entropy, memory_budget=memory_budget,
                       full_rows=True)
     if plan.vocab < weight.shape[0]:  # too few full rows fit: statistics, then a recomputing backward
-        stats = row_stats(kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=False,
+        stats = row_stats(make_kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=False,
                           memory_budget=memory_budget)
-        return token_loss(stats, 0, rows.hidden.shape[0]).sum(), stats.detach()
+        return token_loss(stats, 0, rows.num_rows).sum(), stats.detach()
     return SummedLossFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, token_loss, entropy, mean,
                                     memory_budget)
 
@@ -657,10 +668,10 @@ def summed_loss(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Te
 class ChunkedBackend:
     """A chunked backend's entry points (``row_stats``, ``summed_loss``, ``row_stats_grads``, see
     :mod:`osft_kernels.backends`): the functions above with fresh kernels from ``make_kernels()`` per
-    call (their work buffers live for one call), after ``check(hidden)`` refuses inputs the backend
+    pass (their work buffers live for one forward or backward), after ``check(hidden)`` refuses inputs the backend
     cannot run."""
 
-    def __init__(self, make_kernels: Callable[[], ChunkKernels],
+    def __init__(self, make_kernels: MakeKernels,
                  check: Callable[[Tensor], None] = lambda hidden: None):
         self.make_kernels = make_kernels
         self.check = check
@@ -669,14 +680,14 @@ class ChunkedBackend:
                   entropy: bool, mean: bool, square: bool, options) -> Tensor:
         """Differentiable ``[n, NUM_STATS]`` statistics of ``rows`` (see :mod:`osft_kernels.row_stats`)."""
         self.check(rows.hidden)
-        return row_stats(self.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
+        return row_stats(self.make_kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                          memory_budget=options.memory_budget)
 
     def summed_loss(self, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     token_loss: TokenLoss, *, entropy: bool, mean: bool, options) -> tuple[Tensor, Tensor]:
         """``(sum_i token_loss_i, stats [n, NUM_STATS])`` with the gradients formed in forward."""
         self.check(rows.hidden)
-        return summed_loss(self.make_kernels(), rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
+        return summed_loss(self.make_kernels, rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
                            memory_budget=options.memory_budget)
 
     def backend(self, name: str) -> Backend:

@@ -237,15 +237,20 @@ def backend_options(memory_budget) -> BackendOptions:
     return BackendOptions(None if memory_budget is None else operator.index(memory_budget))
 
 
+HIDDEN_GRAD_SLICE = 8192  # rows of hidden's gradient converted and placed at a time
+
+
 @dataclass
 class TokenRows:
     """The tokens of a batch that are not ignored, flattened to rows.
 
-    ``hidden [n, D]`` (a view or a gathered copy of the caller's tensor, still on the autograd
-    graph), ``targets [n]`` int64, ``temperature`` a float or a detached ``[n]`` tensor,
-    ``weights`` a detached ``[n]`` tensor or None; all tensors but ``hidden`` are in the compute dtype.
-    ``out_index [n]`` holds each row's position in the flattened output and ``hidden_index [n]`` its
-    row of the flattened caller's ``hidden`` (both None: rows are the output and hidden, in order).
+    ``hidden [N, D]`` is the caller's ``hidden`` flattened (a view where its strides allow, still on
+    the autograd graph); the ``n`` computed rows are ``hidden[hidden_index]`` (``hidden_index [n]``
+    int64, distinct rows; None: all ``N`` rows in order). No copy of them is made for the whole
+    batch: backends gather them a chunk at a time (:meth:`hidden_rows`).
+    ``targets [n]`` int64, ``temperature`` a float or a detached ``[n]`` tensor, ``weights`` a detached
+    ``[n]`` tensor or None; all tensors but ``hidden`` are in the compute dtype.
+    ``out_index [n]`` holds each row's position in the flattened output (None: rows are the output, in order).
     """
 
     hidden: Tensor
@@ -255,6 +260,23 @@ class TokenRows:
     out_shape: torch.Size
     out_index: Tensor | None
     hidden_index: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """``n``, the number of computed rows."""
+        return self.targets.shape[0]
+
+    def hidden_rows(self, r0: int = 0, r1: int | None = None) -> Tensor:
+        """The computed rows ``r0:r1`` of ``hidden``, ``[r1 - r0, D]`` (a gathered copy when rows are
+        skipped; differentiable)."""
+        r1 = self.num_rows if r1 is None else r1
+        if self.hidden_index is None:
+            return self.hidden[r0:r1]
+        return self.hidden.index_select(0, self.hidden_index[r0:r1])
+
+    def hidden_grad(self, d_rows: Tensor) -> Tensor:
+        """:func:`hidden_grad` of ``d_rows [n, D]`` for this batch's ``hidden``."""
+        return hidden_grad(d_rows, self.hidden_index, self.hidden.shape, self.hidden.dtype)
 
     def scatter(self, values: Tensor) -> Tensor:
         """Per-row ``[n, ...]`` values to ``[*out_shape, ...]``, 0 at ignored positions (differentiable)."""
@@ -269,12 +291,18 @@ class TokenRows:
         flat = grid.reshape(self.out_shape.numel(), *grid.shape[len(self.out_shape):])
         return flat if self.out_index is None else flat[self.out_index]
 
-    def hidden_grad(self, d_rows: Tensor, hidden_shape: torch.Size) -> Tensor:
-        """A gradient for the rows ``[n, D]`` as a gradient of the caller's ``hidden`` (0 at unused positions)."""
-        if self.hidden_index is None:
-            return d_rows.reshape(hidden_shape)
-        d_hidden = d_rows.new_zeros(hidden_shape.numel() // hidden_shape[-1], hidden_shape[-1])
-        return d_hidden.index_copy_(0, self.hidden_index, d_rows).view(hidden_shape)
+
+def hidden_grad(d_rows: Tensor, hidden_index: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A gradient ``[n, D]`` of the computed rows (:class:`TokenRows`) as the gradient ``shape = [N, D]`` of
+    ``hidden`` in ``dtype``, 0 at rows not computed (``d_rows`` itself when nothing changes). Converted
+    and placed ``HIDDEN_GRAD_SLICE`` rows at a time, so no second full-size temporary exists."""
+    if hidden_index is None:
+        return d_rows.to(dtype)
+    d_hidden = d_rows.new_zeros(shape, dtype=dtype)
+    for start in range(0, hidden_index.shape[0], HIDDEN_GRAD_SLICE):
+        rows = slice(start, start + HIDDEN_GRAD_SLICE)
+        d_hidden.index_copy_(0, hidden_index[rows], d_rows[rows].to(dtype))
+    return d_hidden
 
 
 def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_index: int,
@@ -301,19 +329,17 @@ def token_rows(hidden: Tensor, targets: Tensor, *, temperature, weights, ignore_
 
     flat_targets = targets.reshape(-1)
     keep = target_mask(flat_targets, ignore_index, shift=False)
-    hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     out_index = source_rows = None
     if shift or not bool(keep.all()):
         out_index = keep.nonzero().squeeze(1)
         source_rows = out_index if positions is None else positions.reshape(-1)[out_index]
-        hidden_rows = hidden_rows.index_select(0, source_rows)
 
     def rows_of(values: Tensor) -> Tensor:
         values = values.reshape(-1)
         return values.contiguous() if out_index is None else values[out_index]
 
     return TokenRows(
-        hidden=hidden_rows,
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
         targets=rows_of(flat_targets).long(),
         temperature=rows_of(temperature) if isinstance(temperature, Tensor) else float(temperature),
         weights=None if weights is None else rows_of(weights),

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
+from osft_kernels.backends.cpu import available as cpu_backend_available
 from osft_kernels.driver import DEFAULT_MEMORY_BUDGET
 from osft_kernels.memory import MIB, PeakMemory
 
@@ -55,3 +56,36 @@ def test_peak_memory_is_bounded_by_budget(problem, step, budget):
           f"full logits {LOGITS_MIB:.0f})")
     assert mem.peak_mib <= bound
     assert mem.peak_mib < LOGITS_MIB / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_no_copy_of_the_hidden_rows(dtype, backend):
+    """With ``shift`` and ignored tokens the computed rows are a subset of ``hidden``: forward keeps no
+    ``[n, D]`` copy of them for backward, and backward writes ``hidden``'s gradient once."""
+    if backend == "cpu" and not cpu_backend_available():
+        pytest.skip("the C++ extension is not built")
+    batch, seq, dim, vocab = 4, 1024, 256, 4096
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, seq, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) / 16).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (batch, seq), generator=gen)
+    targets[:, :seq // 2] = -100  # the prompt half
+    n = int((targets[:, 1:] != -100).sum())
+    row_bytes = dim * hidden.element_size()
+    budget = 2 * MIB
+    with PeakMemory() as mem:
+        out = linear_logprobs(hidden, weight, targets, shift=True, backend=backend, memory_budget=budget)
+        kept = mem.current_bytes
+        out.logprobs.sum().backward()
+    # kept: the logprobs grid, [n, NUM_STATS] statistics and the int64 row indices
+    assert kept < n * row_bytes / 4, f"{kept / MIB:.2f} MiB kept from forward to backward"
+    # backward: the float32 gradient of the n rows, hidden's gradient, one chunk, and per weight entry a
+    # float32 GEMM operand copy (bf16 weights on the torch backend), a float32 accumulator and the gradient
+    bound = n * dim * 4 + hidden.numel() * hidden.element_size() + vocab * dim * (8 + weight.element_size()) + budget
+    assert mem.peak_bytes <= bound + MIB, f"peak {mem.peak_mib:.2f} MiB, bound {bound / MIB:.2f} MiB"
+    hidden64 = hidden.detach().double().requires_grad_()
+    out64 = linear_logprobs(hidden64, weight.detach().double(), targets, shift=True, backend="reference")
+    out64.logprobs.sum().backward()
+    atol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the rounding of d_hidden and of the products
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=0, atol=atol)

@@ -14,7 +14,7 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
               entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """``[n, NUM_STATS]`` statistics (see :mod:`osft_kernels.row_stats`), differentiable; ``options`` are unused."""
     dtype = compute_dtype(weight.dtype)
-    logits = torch.nn.functional.linear(rows.hidden.to(dtype), weight.to(dtype),
+    logits = torch.nn.functional.linear(rows.hidden_rows().to(dtype), weight.to(dtype),
                                         None if bias is None else bias.to(dtype))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -35,8 +35,9 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
 def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, stats: Tensor,
                     grad_stats: Tensor, *, entropy: bool, mean: bool, options: BackendOptions,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, 4]``, by ``torch.func.vjp`` of a
-    recomputation of the statistics (``stats`` is unused; ``torch.func`` also runs inside a custom op)."""
+    """Gradients for ``(rows.hidden [N, D], weight, bias)`` from ``grad_stats [n, NUM_STATS]``, by
+    ``torch.func.vjp`` of a recomputation of the statistics (``stats`` is unused; ``torch.func`` also runs
+    inside a custom op)."""
     def recompute(hidden: Tensor, weight: Tensor, *bias: Tensor) -> Tensor:
         return row_stats(replace(rows, hidden=hidden), weight, bias[0] if bias else None, softcap, entropy=entropy,
                          mean=mean, square=False, options=options)

@@ -103,7 +103,8 @@ class TritonEpilogue:
 def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
                         entropy: bool, mean: bool, square: bool) -> Tensor:
     """``[n, NUM_STATS]`` float32 statistics from the fused forward kernels (no logits in memory, no autograd)."""
-    hidden = rows.hidden if rows.hidden.stride(-1) == 1 else rows.hidden.contiguous()
+    hidden = rows.hidden_rows()
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
@@ -137,7 +138,7 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
     check_inputs(rows.hidden)
     if options.memory_budget == 0 and not wants_grad(rows.hidden, weight, bias):
         return fused_forward_stats(rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square)
-    return driver.row_stats(CHUNKED.make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean,
+    return driver.row_stats(CHUNKED.make_kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean,
                             square=square, memory_budget=options.memory_budget)
 
 
