@@ -25,8 +25,8 @@ from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends import triton_chunked
 from osft_kernels.device_info import describe
 from osft_kernels.driver import NUM_PARTIALS, VOCAB_BLOCK, Gemms, _float32_accumulator_addmm, ceil_div
-from osft_kernels.inputs import token_rows
 from osft_kernels.row_stats import NUM_STATS
+from osft_kernels.token_rows import token_rows
 from osft_kernels.triton_kernels import configs
 
 GIB = 2**30
@@ -211,7 +211,7 @@ def end_to_end(n, d, v):
             record(f"{label}_fwd_bwd_budget_{budget // 2**20}MiB", {
                 "ms": round(ms, 2), "peak_gib": round(mem, 2), "tflops_counted": round(ndv_flops * ndv / ms / 1e9, 1),
                 "vs_6ndv_floor": round(ms / floor["6ndv"], 3)})
-    rows = token_rows(hidden, targets, temperature=1.0, weights=None, ignore_index=-100, shift=False)
+    rows = token_rows(hidden, targets, temperature=1.0, token_weights=None, ignore_index=-100, shift=False)
     with torch.no_grad():
         fused = bench(lambda: triton_chunked.fused_forward_stats(rows, weight, None, None, entropy=True, mean=False,
                                                                     square=False))
@@ -236,7 +236,7 @@ def _chunked_stats(rows, weight):
 
 def forward_configs(n, d, v):
     hidden, weight, targets = inputs(n, d, v)
-    rows = token_rows(hidden, targets, temperature=1.0, weights=None, ignore_index=-100, shift=False)
+    rows = token_rows(hidden, targets, temperature=1.0, token_weights=None, ignore_index=-100, shift=False)
     candidates = [(128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 3),
                   (128, 64, 32, 8, 3), (64, 64, 64, 8, 3), (128, 128, 64, 8, 3)]
     floor = bench(lambda: hidden @ weight.t())

@@ -126,8 +126,10 @@ class Sequences:
     ``labels [B, T]`` holding the response tokens and ``IGNORE`` elsewhere (labels[t] is the token at
     t, so the loss uses ``shift=True``).
 
-    ``token_values``: per-token float tensors ``[B, T]`` aligned with ``labels`` (e.g. sampling
-    logprobs of the response tokens); ``row_values``: per-sequence tensors ``[B]`` (e.g. advantages).
+    ``token_values``: per-target float tensors ``[B, T - 1]``, in the coordinates of
+    :attr:`target_mask` and of the fused ops' outputs (entry t belongs to ``labels[:, t + 1]``; e.g.
+    sampling logprobs of the response tokens); ``row_values``: per-sequence tensors ``[B]`` (e.g.
+    advantages).
     """
 
     input_ids: Tensor
@@ -149,11 +151,15 @@ class Sequences:
         def tokens(x: Tensor) -> Tensor:
             return x[rows, :width].to(device) if device else x[rows, :width]
 
+        def targets(x: Tensor) -> Tensor:
+            cut = None if width is None else width - 1
+            return x[rows, :cut].to(device) if device else x[rows, :cut]
+
         def per_row(x: Tensor) -> Tensor:
             return x[rows].to(device) if device else x[rows]
 
         return Sequences(tokens(self.input_ids), tokens(self.attention_mask), tokens(self.labels),
-                         {k: tokens(v) for k, v in self.token_values.items()},
+                         {k: targets(v) for k, v in self.token_values.items()},
                          {k: per_row(v) for k, v in self.row_values.items()})
 
     def select(self, rows: slice) -> "Sequences":
@@ -169,27 +175,26 @@ class Sequences:
         """Take the loss off the sequences where ``rows`` is True (their labels become ``IGNORE``)."""
         self.labels[torch.tensor(rows, dtype=torch.bool)] = IGNORE
 
-    def shifted(self, name: str) -> Tensor:
-        """A token value aligned with the shifted targets ``labels[:, 1:]``."""
-        return self.token_values[name][:, 1:]
-
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
          response_values: dict[str, list[list[float]]] | None = None) -> Sequences:
     """Right-padded sequences of ``prompt + response`` with labels on the response tokens;
-    ``response_values`` (one value per response token) become ``token_values`` at those positions."""
+    ``response_values`` (one value per response token) become ``token_values`` at those targets (a
+    first response token with an empty prompt is no target and has none)."""
     length = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     labels = torch.full((len(prompts), length), IGNORE, dtype=torch.long)
-    values = {name: torch.zeros(len(prompts), length) for name in response_values or {}}
+    values = {name: torch.zeros(len(prompts), length - 1) for name in response_values or {}}
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         ids = prompt + response
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
         labels[i, len(prompt):len(ids)] = torch.tensor(response, dtype=torch.long)
+        skipped = 0 if prompt else 1  # labels[:, 0] is no target
         for name, per_response in (response_values or {}).items():
-            values[name][i, len(prompt):len(ids)] = torch.tensor(per_response[i], dtype=torch.float32)
+            target_values = torch.tensor(per_response[i][skipped:], dtype=torch.float32)
+            values[name][i, len(prompt) + skipped - 1:len(ids) - 1] = target_values
     return Sequences(input_ids, attention_mask, labels, values)
 
 

@@ -11,7 +11,7 @@ from .config import Config
 from .data import load_rows, prompt_text, tokenize_prompts
 from .model import CausalLM
 from .rewards import REWARDS
-from .rollout import HFGenerateEngine, completion_metrics
+from .rollout import RolloutEngine, completion_metrics, make_engine
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -27,13 +27,15 @@ def load_eval_rows(config: Config) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(lm: CausalLM, config: Config, rows: list[dict], progress: Progress | None = None) -> dict[str, float]:
+def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngine | None = None,
+             progress: Progress | None = None) -> dict[str, float]:
     """``eval/pass@k`` for k = 1, 2, 4, ... <= n, ``eval/avg@n`` (mean reward over all samples),
     ``eval/mean_length`` and ``eval/unjudged_ratio`` (completions the reward could not judge, counted wrong);
-    with ``eval.greedy`` also ``eval/greedy_pass@1``. ``progress``: a rich Progress to show generation on."""
+    with ``eval.greedy`` also ``eval/greedy_pass@1``. Generates with ``engine`` (default: a new
+    ``rollout.engine`` engine of ``lm``); ``progress``: a rich Progress to show generation on."""
     settings, data, tokenizer = config.eval, config.data, lm.tokenizer
     n = settings.samples
-    engine = HFGenerateEngine(lm, config.rollout)
+    engine = engine if engine is not None else make_engine(lm, config)
     prompts = tokenize_prompts(rows, data, tokenizer)
     completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
     correct = _judge(lm, config, rows, completions, n)

@@ -2,7 +2,9 @@
 
 An engine returns, per completion, its token ids (ending with EOS unless truncated), the sampling
 logprob of each token under the temperature-scaled distribution it was drawn from, and whether it
-hit ``max_new_tokens`` before EOS. :func:`make_engine` picks one from ``rollout.engine``.
+hit ``max_new_tokens`` before EOS. Both engines take the same arguments (:class:`RolloutEngine`);
+:func:`make_engine` picks one from ``rollout.engine``, and the same engine serves training and
+evaluation.
 """
 import contextlib
 import os
@@ -12,7 +14,7 @@ from typing import Protocol
 import torch
 from rich.progress import Progress
 
-from .config import Config, RolloutConfig
+from .config import Config
 from .model import CausalLM, native_bfloat16
 from .packaged import resolve_model_path
 
@@ -47,16 +49,13 @@ class HFGenerateEngine:
     under bfloat16 autocast where ``rollout.autocast`` says so (:func:`generation_autocast`): the
     logprobs are then those of the distribution actually sampled from."""
 
-    def __init__(self, lm: CausalLM, config: RolloutConfig):
-        self.lm, self.config = lm, config
-        self.autocast = generation_autocast(lm.model, config.autocast)
+    def __init__(self, lm: CausalLM, config: Config):
+        self.lm, self.config = lm, config.rollout
+        self.autocast = generation_autocast(lm.model, config.rollout.autocast)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
                  progress: Progress | None = None) -> list[Completion]:
-        """``num_samples`` completions per prompt, grouped by prompt (prompt-major order).
-        ``temperature=0`` decodes greedily (logprobs then under the unscaled distribution). With a rich
-        ``progress``, a bar counts the completions while they are generated."""
         tokenizer, model = self.lm.tokenizer, self.lm.model
         requests = [p for p in prompts for _ in range(num_samples)]
         completions = []
@@ -115,8 +114,8 @@ class VLLMEngine:
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[lm.model.dtype]
         max_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
         max_len = min(max_len, getattr(lm.model.config, "max_position_embeddings", None) or max_len)
-        self.llm = LLM(model=resolve_model_path(config.model.path), dtype=dtype, seed=config.seed, logprobs_mode="processed_logprobs",
-                       max_model_len=max_len,
+        self.llm = LLM(model=resolve_model_path(config.model.path), dtype=dtype, seed=config.seed,
+                       logprobs_mode="processed_logprobs", max_model_len=max_len,
                        gpu_memory_utilization=config.rollout.vllm_memory_fraction, enforce_eager=True)
         self.sync_weights()  # the trainer may hold a resumed checkpoint rather than model.path
 
@@ -133,7 +132,8 @@ class VLLMEngine:
         self.llm.collective_rpc(reload, args=(weights,))
         self._synced = self._weights_version()
 
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+                 progress: Progress | None = None) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -142,7 +142,11 @@ class VLLMEngine:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
         params = SamplingParams(n=num_samples, temperature=temperature, top_p=self.config.top_p,
                                 max_tokens=self.config.max_new_tokens, logprobs=0, seed=seed)
+        task = progress.add_task(f"generating (T={temperature:g}, vLLM)", total=None, metrics="") \
+            if progress is not None else None
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        if task is not None:
+            progress.remove_task(task)
         completions = []
         for request in outputs:
             for sample in request.outputs:
@@ -153,11 +157,19 @@ class VLLMEngine:
 
 
 class RolloutEngine(Protocol):
-    """What the recipes ask of a rollout engine."""
+    """What the recipes and the evaluation ask of a rollout engine; an engine is made from
+    ``(lm, config)`` (:func:`make_engine`)."""
 
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1) -> list[Completion]:
-        """``num_samples`` completions of each tokenized prompt, grouped by prompt (prompt-major)."""
+    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+                 progress: Progress | None = None) -> list[Completion]:
+        """``num_samples`` completions of each tokenized prompt, grouped by prompt (prompt-major order).
+        ``temperature=0`` decodes greedily (logprobs then under the unscaled distribution). With a rich
+        ``progress``, a bar shows the generation."""
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFGenerateEngine, "vllm": VLLMEngine}
 
 
 def make_engine(lm: CausalLM, config: Config) -> RolloutEngine:
-    return VLLMEngine(lm, config) if config.rollout.engine == "vllm" else HFGenerateEngine(lm, config.rollout)
+    """The ``rollout.engine`` engine of ``lm``."""
+    return ENGINES[config.rollout.engine](lm, config)

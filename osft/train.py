@@ -4,8 +4,8 @@ checkpoints with exact resume, and logging.
 A batch takes ``prompts_per_step`` rows in a seeded per-epoch order and lets the recipe turn them
 into token sequences, which serve ``recipe.updates_per_batch`` optimizer steps (GRPO's
 ``num_iterations``). A run ends after ``max_steps`` (or ``epochs``), or after the batch whose
-rollouts bring the generated-token count to ``max_rollout_tokens``. A step splits the batch into micro-batches of at most
-``optim.micro_batch_tokens`` padded tokens and normalizes every micro-batch loss by the whole
+rollouts bring the generated-token count to ``max_rollout_tokens``. A step splits the batch into
+micro-batches of at most ``optim.micro_batch_tokens`` padded tokens and normalizes every micro-batch loss by the whole
 batch's count (``num_items``), so the accumulated gradient does not depend on the micro-batching.
 The run directory's lock, checkpoints and resume checks live in :mod:`osft.run_dir`.
 """
@@ -26,6 +26,7 @@ from .data import Sequences, load_rows, micro_batches, tokenize_prompts, tokeniz
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import CausalLM, default_device, load_causal_lm
 from .recipes import RECIPES, Recipe, make_recipe
+from .rollout import RolloutEngine, make_engine
 from .run_dir import Checkpoints, RunError, RunLock, check_resume_config, check_writable, drop_logged_after, file_digest
 
 
@@ -176,6 +177,7 @@ class Run:
     config: Config
     lm: CausalLM
     recipe: Recipe
+    engine: RolloutEngine | None  # the recipe's and the evaluation's (None when neither generates)
     rows: list[dict]
     order: DataOrder
     eval_rows: list[dict] | None
@@ -275,7 +277,8 @@ def start_run(config: Config, run_dir: Path) -> Run:
     eval_rows = load_eval_rows(config) if config.eval.data else None
     check_position_limit(config, lm, rows, eval_rows)
     dump_config(config, run_dir / "config.yaml")
-    recipe = make_recipe(config, lm)
+    engine = make_engine(lm, config) if RECIPES[config.recipe].generates or eval_rows else None
+    recipe = make_recipe(config, lm, engine)
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.prompts_per_step)
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                   betas=(config.optim.beta1, config.optim.beta2))
@@ -294,7 +297,7 @@ def start_run(config: Config, run_dir: Path) -> Run:
     # the schedule at ``step``, from the config's lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps),
                                                   last_epoch=state.step - 1)
-    return Run(config, lm, recipe, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
+    return Run(config, lm, recipe, engine, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
                checkpoints, optimizer, scheduler, total_steps, state)
 
 
@@ -305,7 +308,7 @@ def _run(config: Config, run_dir: Path, progress: bool) -> None:
     log = MetricLog(run_dir / METRICS_FILE, run_dir / "tensorboard" if config.tensorboard else None)
     try:
         def run_evaluation(at_step: int, bar: Progress) -> None:
-            results = evaluate(run.lm, config, run.eval_rows, progress=bar if progress else None)
+            results = evaluate(run.lm, config, run.eval_rows, run.engine, progress=bar if progress else None)
             append_eval(run_dir / EVAL_FILE, at_step, results)
             log.write(at_step, results, to_file=False)
             run.lm.model.train()

@@ -9,8 +9,8 @@ from .api import (
     linear_token_outputs,
 )
 from .backends import BACKENDS, backend_name
-from .inputs import target_mask
+from .token_rows import target_mask, target_shape
 
 __all__ = ["BACKENDS", "LogProbs", "TokenOutputs", "backend_name", "linear_cross_entropy", "linear_logprobs",
-           "linear_token_loss", "linear_token_outputs", "target_mask"]
+           "linear_token_loss", "linear_token_outputs", "target_mask", "target_shape"]
 __version__ = "0.1.0"

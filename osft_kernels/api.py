@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import inputs
+from . import checks, token_rows
+from .backend import BackendOptions
 from .backends import resolve_backend
 from .row_stats import (
     RowStats,
@@ -44,6 +45,26 @@ def _outside_autocast(fn):
     return wrapper
 
 
+def _fold_logit_scale(logit_scale, temperature, softcap) -> tuple:
+    """``(temperature, softcap)`` that apply a constant logit multiplier ``a`` (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``) before the softcap: ``c tanh(a s / c) / T = (c/a) tanh(s / (c/a)) / (T/a)``,
+    so ``softcap / a`` and ``temperature / a`` (also ``s * a / T = s / (T/a)`` without a softcap)."""
+    checks.check_positive_number("logit_scale", logit_scale)
+    if logit_scale == 1:
+        return temperature, softcap
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        temperature = temperature / logit_scale
+    else:
+        checks.check_positive_number("temperature", temperature)
+        temperature = temperature / logit_scale
+    if softcap is not None:
+        checks.check_positive_number("softcap", softcap, allow_none=True)
+        softcap = softcap / logit_scale
+    return temperature, softcap
+
+
 @_outside_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float | Tensor = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
@@ -61,6 +82,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
             Granite's ``1 / logits_scaling``); folded into softcap and temperature.
         return_entropy: also return ``entropy_i = lse_i - sum_j p_ij z_ij``.
         shift: position t predicts target t+1 along the last dim; the last position is dropped.
+            Every per-token output, and every per-target input of the losses, is then shaped like
+            ``targets[..., 1:]`` (:func:`osft_kernels.target_shape`).
         backend: ``"auto"`` (``"triton"`` for CUDA tensors when triton is installed, ``"cpu"``
             for CPU tensors when its C++ extension is built, else ``"torch"``), ``"triton"``
             (cuBLAS GEMMs with Triton epilogues; a fused Triton kernel when no gradient is
@@ -73,7 +96,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     for ``hidden``, ``weight`` and ``bias`` in their dtype (recomputing the logits: 8NDV FLOPs in
     all); gradients are deterministic on every backend.
     """
-    inputs.check_flag("return_entropy", return_entropy)
+    checks.check_flag("return_entropy", return_entropy)
     out = linear_token_outputs(hidden, weight, targets, outputs=("logprobs", "entropy") if return_entropy else (),
                                bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                                ignore_index=ignore_index, shift=shift, backend=backend, memory_budget=memory_budget)
@@ -104,16 +127,16 @@ def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, out
     """Per-token logprobs and, as ``outputs`` names them, entropy and the metrics of :class:`TokenOutputs`
     (``"logprobs"``, ``"entropy"``, ``"mean_logit"``, ``"is_top1"``, ``"log_sum_sq_probs"``), all from one
     pass over the logits. Arguments and gradients as in :func:`linear_logprobs`."""
-    wanted = inputs.check_outputs(outputs, TokenOutputs._fields)
-    options = inputs.backend_options(memory_budget)
-    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
+    wanted = checks.check_outputs(outputs, TokenOutputs._fields)
+    options = checks.backend_options(memory_budget)
+    temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
     flags = dict(entropy="entropy" in wanted, mean="mean_logit" in wanted, square="log_sum_sq_probs" in wanted)
     if torch.compiler.is_compiling():
         stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, **flags,
                               backend=backend, options=options)
-        valid = inputs.target_mask(targets, ignore_index, shift)
+        valid = token_rows.target_mask(targets, ignore_index, shift)
         return _token_outputs(RowStats.of(stats), wanted, lambda x: torch.where(valid, x, x.new_zeros(())))
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     stats = resolve_backend(backend, hidden.device).row_stats(rows, weight, bias, softcap, **flags, options=options)
     return _token_outputs(RowStats.of(stats), wanted, rows.scatter)
 
@@ -131,15 +154,18 @@ def _token_outputs(row: RowStats, wanted: frozenset, place) -> TokenOutputs:
 
 @_outside_autocast
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                         weights: Tensor | None = None, temperature: float | Tensor = 1.0,
+                         token_weights: Tensor | None = None, temperature: float | Tensor = 1.0,
                          softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
-                         backend: str = "auto", memory_budget: int | None = None) -> Tensor:
+                         backend: str = "auto", memory_budget: int | None = None,
+                         weights: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
 
         (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - mean_j z_j) + z_loss * lse**2
 
-    times ``weights`` (same shape as ``targets``, no grad) when given. ``reduction``: ``"none"``
+    times ``token_weights`` when given: per target, shaped like the per-token outputs (``targets``,
+    ``targets[..., 1:]`` with ``shift``), no grad. ``weights`` is its deprecated alias, shaped like
+    ``targets`` whatever ``shift``. ``reduction``: ``"none"``
     (per token, 0 at ignored positions), ``"sum"``, or ``"mean"`` (sum over the number of
     non-ignored tokens; 0 with zero gradients when every token is ignored). Other arguments as in
     :func:`linear_logprobs`. Returns float32 (float64 for float64 inputs).
@@ -148,27 +174,29 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     during the forward pass (6NDV FLOPs instead of 8NDV) and keep ``d_hidden`` and ``d_weight``
     in float32 until backward.
     """
-    inputs.check_label_smoothing(label_smoothing)
-    inputs.check_z_loss(z_loss)
-    options = inputs.backend_options(memory_budget)
-    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
-    if reduction not in inputs.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {inputs.REDUCTIONS}, got {reduction!r}")
+    checks.check_label_smoothing(label_smoothing)
+    checks.check_z_loss(z_loss)
+    options = checks.backend_options(memory_budget)
+    temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
+    if reduction not in checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
+    token_weights = checks.renamed_weights(weights, token_weights, targets, shift, stacklevel=3)  # above the wrapper
     if torch.compiler.is_compiling():
-        return _traced_cross_entropy(hidden, weight, targets, bias, weights, temperature, softcap,
+        return _traced_cross_entropy(hidden, weight, targets, bias, token_weights, temperature, softcap,
                                      float(label_smoothing), float(z_loss), ignore_index, reduction, shift,
                                      backend=backend, options=options)
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, weights)
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
+                               token_weights)
     impl = resolve_backend(backend, hidden.device)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
 
     if reduction != "none":
         n = rows.targets.shape[0]
-        token_weight = rows.weights if rows.weights is not None else rows.targets.new_ones(
-            n, dtype=inputs.compute_dtype(hidden.dtype))
+        token_weight = rows.token_weights if rows.token_weights is not None else rows.targets.new_ones(
+            n, dtype=token_rows.compute_dtype(hidden.dtype))
         if reduction == "mean":
             token_weight = token_weight / max(n, 1)
-        if inputs.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
+        if token_rows.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
             def token_loss(stats: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
                 return token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss) * token_weight[r0:r1]
 
@@ -179,7 +207,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                                        square=False, options=options))
     loss = token_cross_entropy(stats, label_smoothing, z_loss)
     if reduction == "none":
-        return rows.scatter(loss if rows.weights is None else loss * rows.weights)
+        return rows.scatter(loss if rows.token_weights is None else loss * rows.token_weights)
     return (loss * token_weight).sum()
 
 
@@ -203,10 +231,10 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
     """
     if not callable(token_loss):
         raise TypeError(f"token_loss must be callable, got {type(token_loss).__name__}")
-    inputs.check_flag("return_entropy", return_entropy)
-    options = inputs.backend_options(memory_budget)
-    temperature, softcap = inputs.fold_logit_scale(logit_scale, temperature, softcap)
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
+    checks.check_flag("return_entropy", return_entropy)
+    options = checks.backend_options(memory_budget)
+    temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     impl = resolve_backend(backend, hidden.device)
     positions = (rows.out_index if rows.out_index is not None
                  else torch.arange(rows.targets.shape[0], device=rows.targets.device))
@@ -215,7 +243,7 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
         row = RowStats.of(stats)
         return token_loss(token_logprobs(row), row.entropy if return_entropy else None, positions[r0:r1])
 
-    if inputs.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
+    if token_rows.wants_grad(hidden, weight, bias) and impl.summed_loss is not None:
         loss, stats = impl.summed_loss(rows, weight, bias, softcap, loss_of_stats, entropy=return_entropy,
                                        mean=False, options=options)
     else:
@@ -235,17 +263,17 @@ def _split_temperature(temperature) -> tuple[Tensor | None, float]:
 
 def _check_traced(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift) -> None:
     """The checks that need no tensor values, at trace time; the custom ops check the values when they run."""
-    inputs.check_head(hidden, weight, bias)
-    inputs.require_tensor("targets", targets)
-    inputs.check_ignore_index(ignore_index)
+    checks.check_head(hidden, weight, bias)
+    checks.require_tensor("targets", targets)
+    checks.check_ignore_index(ignore_index)
     if not isinstance(temperature, Tensor):
-        inputs.check_positive_number("temperature", temperature)
-    inputs.check_positive_number("softcap", softcap, allow_none=True)
-    inputs.check_flag("shift", shift)
+        checks.check_positive_number("temperature", temperature)
+    checks.check_positive_number("softcap", softcap, allow_none=True)
+    checks.check_flag("shift", shift)
 
 
 def _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, *, entropy: bool,
-                  mean: bool, square: bool, backend: str, options: inputs.BackendOptions) -> Tensor:
+                  mean: bool, square: bool, backend: str, options: BackendOptions) -> Tensor:
     """Under ``torch.compile``: the statistics grid ``[*out_shape, NUM_STATS]`` from the
     ``osft_kernels::row_stats`` op."""
     _check_traced(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
@@ -254,17 +282,19 @@ def _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_in
                                             shift, entropy, mean, square, backend, options.memory_budget)
 
 
-def _traced_cross_entropy(hidden, weight, targets, bias, weights, temperature, softcap, label_smoothing: float,
+def _traced_cross_entropy(hidden, weight, targets, bias, token_weights, temperature, softcap, label_smoothing: float,
                           z_loss: float, ignore_index, reduction: str, shift: bool, *, backend: str,
-                          options: inputs.BackendOptions) -> Tensor:
+                          options: BackendOptions) -> Tensor:
     """Under ``torch.compile``: the loss from the statistics grid of the ``osft_kernels::row_stats`` op, whose
     backward recomputes the logits (8NDV where the eager ``"sum"``/``"mean"`` path takes 6NDV)."""
     stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, entropy=False,
                           mean=label_smoothing > 0, square=False, backend=backend, options=options)
     loss = token_cross_entropy(RowStats.of(stats), label_smoothing, z_loss)
-    if weights is not None:
-        loss = loss * (weights[..., 1:] if shift else weights).detach().to(loss.dtype)
-    valid = inputs.target_mask(targets, ignore_index, shift)
+    if token_weights is not None:
+        checks.check_token_weights(token_weights, token_rows.target_shape(targets, shift), shift, targets.device,
+                                   values=False)
+        loss = loss * token_weights.detach().to(loss.dtype)
+    valid = token_rows.target_mask(targets, ignore_index, shift)
     loss = torch.where(valid, loss, 0.0)
     if reduction == "none":
         return loss

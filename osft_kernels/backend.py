@@ -7,8 +7,16 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    """Backend keywords: ``memory_budget``, bytes of logits chunk buffers of the chunked backends (None:
+    their default; 0: none, which only the triton backend's fused forward can do, without gradients)."""
+
+    memory_budget: int | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
-    """A backend as the ops call it, for a batch of token rows (:class:`osft_kernels.inputs.TokenRows`:
+    """A backend as the ops call it, for a batch of token rows (:class:`osft_kernels.token_rows.TokenRows`:
     the caller's ``hidden [N, D]`` and the ``n`` rows of it that are computed).
 
     - ``row_stats(rows, weight, bias, softcap, *, entropy, mean, square, options)``: the differentiable

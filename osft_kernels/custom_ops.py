@@ -6,30 +6,26 @@ compiler cannot trace. Under ``torch.compile`` :func:`osft_kernels.linear_logpro
 checks included, on real tensors, and tells the compiler only its output shapes.
 
 * ``osft_kernels::row_stats``: the statistics of :mod:`osft_kernels.row_stats` on the grid of
-  (shifted) targets, ``[*out_shape, NUM_STATS]``, 0 at ignored positions; its backward is the op
+  (shifted) targets, ``[*target_shape, NUM_STATS]``, 0 at ignored positions; its backward is the op
   ``osft_kernels::row_stats_backward``, which recomputes the logits (8NDV in all). The token-level
   formulas are applied to the statistics in traced PyTorch, outside the ops.
 """
 import torch
 from torch import Tensor
 
-from . import inputs
+from . import token_rows
+from .backend import BackendOptions
 from .backends import resolve_backend
 from .row_stats import NUM_STATS
 
 
-def out_shape(targets: Tensor, shift: bool) -> tuple[int, ...]:
-    """The shape of per-token outputs: ``targets.shape``, one position shorter along the last dim with ``shift``."""
-    shape = tuple(targets.shape)
-    return (*shape[:-1], shape[-1] - 1) if shift and shape else shape
-
-
 def _rows(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: Tensor | None,
           temperature_value: float, softcap: float | None, ignore_index: int, shift: bool):
-    """``(rows, weight, bias)``: the checked :class:`~osft_kernels.inputs.TokenRows` of the op's inputs, and
+    """``(rows, weight, bias)``: the checked :class:`~osft_kernels.token_rows.TokenRows` of the op's inputs, and
     the output layer, all detached (autograd is the ops' registered backward)."""
     hidden, weight, bias, temperature = (None if t is None else t.detach() for t in (hidden, weight, bias, temperature))
-    rows = inputs.prepare_rows(hidden, weight, targets, bias, temperature_value if temperature is None else temperature,
+    temperature = temperature_value if temperature is None else temperature
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature,
                                softcap, ignore_index, shift)
     return rows, weight, bias
 
@@ -43,20 +39,21 @@ def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
 def row_stats(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: Tensor | None,
               temperature_value: float, softcap: float | None, ignore_index: int, shift: bool, entropy: bool,
               mean: bool, square: bool, backend: str, memory_budget: int | None) -> Tensor:
-    """``[*out_shape, NUM_STATS]`` statistics in the compute dtype, 0 at ignored positions."""
+    """``[*target_shape, NUM_STATS]`` statistics in the compute dtype, 0 at ignored positions."""
     rows, weight, bias = _rows(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index,
                                shift)
     with torch.no_grad():
         stats = resolve_backend(backend, hidden.device).row_stats(
             rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
-            options=inputs.BackendOptions(memory_budget))
+            options=BackendOptions(memory_budget))
     return rows.scatter(stats)
 
 
 @row_stats.register_fake
 def _row_stats_fake(hidden, weight, targets, bias, temperature, temperature_value, softcap, ignore_index, shift,
                     entropy, mean, square, backend, memory_budget):
-    return hidden.new_empty((*out_shape(targets, shift), NUM_STATS), dtype=inputs.compute_dtype(hidden.dtype))
+    return hidden.new_empty((*token_rows.target_shape(targets, shift), NUM_STATS),
+                            dtype=token_rows.compute_dtype(hidden.dtype))
 
 
 @torch.library.custom_op("osft_kernels::row_stats_backward", mutates_args=())
@@ -70,7 +67,7 @@ def row_stats_backward(grad_stats: Tensor, stats: Tensor, hidden: Tensor, weight
                                shift)
     d_hidden, d_weight, d_bias = resolve_backend(backend, hidden.device).row_stats_grads(
         rows, weight, bias, softcap, rows.gather(stats), rows.gather(grad_stats), entropy=entropy, mean=mean,
-        options=inputs.BackendOptions(memory_budget), needs=tuple(needs))
+        options=BackendOptions(memory_budget), needs=tuple(needs))
     d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
     return _or_empty(d_hidden, hidden), _or_empty(d_weight, weight), _or_empty(d_bias, weight)
 

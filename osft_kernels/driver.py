@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from .backend import Backend
-from .inputs import TokenRows, compute_dtype, hidden_grad
 from .row_stats import ENTROPY, LSE, MAX_LOGIT, MEAN_LOGIT, NUM_STATS, SQUARE_LSE, TARGET_LOGIT, stat_grads
+from .token_rows import TokenRows, compute_dtype, hidden_grad
 
 VOCAB_BLOCK = 2048
 ROW_ALIGN = 16
@@ -549,11 +549,14 @@ class RowStatsFunction(torch.autograd.Function):
                 mean: bool, square: bool, memory_budget):
         stats = forward_stats(make_kernels(), rows, weight, bias, softcap, entropy=entropy, mean=mean, square=square,
                               memory_budget=memory_budget)
-        ctx.make_kernels, ctx.rows, ctx.softcap, ctx.entropy, ctx.mean = make_kernels, rows, softcap, entropy, mean
-        ctx.memory_budget = memory_budget
-        # targets and temperature may be the caller's tensors: saved, an in-place edit before backward raises
+        # targets and temperature may be the caller's tensors: saved, an in-place edit before backward raises;
+        # saved tensors are freed once backward has run, while ctx (and so ctx.rows) lives as long as the graph
         temperature = rows.temperature if isinstance(rows.temperature, Tensor) else None
         ctx.save_for_backward(hidden, weight, bias, stats, rows.targets, temperature)
+        ctx.rows = replace(rows, hidden=None, targets=None, temperature=None if temperature is not None
+                           else rows.temperature)
+        ctx.make_kernels, ctx.softcap, ctx.entropy, ctx.mean = make_kernels, softcap, entropy, mean
+        ctx.memory_budget = memory_budget
         return stats
 
     @staticmethod
@@ -562,18 +565,28 @@ class RowStatsFunction(torch.autograd.Function):
         hidden, weight, bias, stats, targets, temperature = ctx.saved_tensors
         rows = replace(ctx.rows, hidden=hidden, targets=targets,
                        temperature=ctx.rows.temperature if temperature is None else temperature)
-        grads = row_stats_grads(ctx.make_kernels(), rows, weight, bias, ctx.softcap, stats, grad_stats,
+        grads = row_stats_grads(ctx.make_kernels, rows, weight, bias, ctx.softcap, stats, grad_stats,
                                 entropy=ctx.entropy, mean=ctx.mean, memory_budget=ctx.memory_budget,
                                 needs=ctx.needs_input_grad[:3])
         return (*grads, *[None] * 7)
 
 
-def row_stats_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                    stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool, memory_budget: int | None,
+def row_stats_grads(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
+                    softcap: float | None, stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool,
+                    memory_budget: int | None,
                     needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``(rows.hidden [N, D], weight, bias)`` (those ``needs`` asks for, in their dtypes) from
     the upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``,
-    recomputing the logits."""
+    recomputing the logits. ``hidden``'s gradient is placed after the kernels' buffers are freed."""
+    d_rows, d_weight, d_bias = _recomputed_grads(make_kernels(), rows, weight, bias, softcap, stats, grad_stats,
+                                                 entropy=entropy, mean=mean, memory_budget=memory_budget, needs=needs)
+    return None if d_rows is None else rows.hidden_grad(d_rows), d_weight, d_bias
+
+
+def _recomputed_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
+                      softcap: float | None, stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool,
+                      memory_budget: int | None, needs: tuple[bool, bool, bool]) -> tuple:
+    """:func:`row_stats_grads` with the gradient of the computed rows ``[n, D]`` in the compute dtype."""
     hidden = rows.hidden
     driver = _Driver(kernels, weight, bias, softcap, rows.num_rows, entropy=entropy, memory_budget=memory_budget,
                      full_rows=False)
@@ -585,8 +598,7 @@ def row_stats_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias
     with torch.autocast(hidden.device.type, enabled=False):  # a backward inside the caller's autocast region
         driver.recompute_grads(grads, rows, stats, coef, entropy=entropy, mean=mean)
     d_rows, d_weight, d_bias = grads.grads()
-    return (None if d_rows is None else rows.hidden_grad(d_rows),
-            *_cast((d_weight, d_bias), (weight.dtype, weight.dtype)))
+    return d_rows, *_cast((d_weight, d_bias), (weight.dtype, weight.dtype))
 
 
 class SummedLossFunction(torch.autograd.Function):
@@ -699,5 +711,5 @@ class ChunkedBackend:
                         needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Gradients for ``(rows.hidden, weight, bias)`` from ``grad_stats [n, NUM_STATS]``."""
         self.check(rows.hidden)
-        return row_stats_grads(self.make_kernels(), rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
+        return row_stats_grads(self.make_kernels, rows, weight, bias, softcap, stats, grad_stats, entropy=entropy,
                                mean=mean, memory_budget=options.memory_budget, needs=needs)

@@ -74,8 +74,8 @@ def make_case(lead, d, v, dtype, features, seed=0, device="cpu"):
         drop = torch.rand(lead, generator=gen) < features["ignore"]
         case["targets"] = torch.where(drop, -100, case["targets"])
     case["targets"] = case["targets"].to(device)
-    if features.get("weights"):
-        case["weights"] = (torch.rand(lead, generator=gen) * 2).to(device)
+    if features.get("weights"):  # per target: shaped like the outputs
+        case["token_weights"] = (torch.rand(out_shape(case), generator=gen) * 2).to(device)
     case["ce_kwargs"] = {k: features[k] for k in ("label_smoothing", "z_loss") if k in features}
     case["upstream"] = (torch.randn(lead, generator=gen).to(device), torch.randn(lead, generator=gen).to(device))
     return case
@@ -117,7 +117,7 @@ def out_shape(case):
 def reference_outputs(case):
     """Float64 reference outputs for ``case``, differentiable in its float64 parameter copies."""
     ref_params = [p.detach().double().requires_grad_() for p in params(case)]
-    ref = reference(ref_params[0], ref_params[1], case["targets"], weights=case.get("weights"),
+    ref = reference(ref_params[0], ref_params[1], case["targets"], token_weights=case.get("token_weights"),
                     bias=ref_params[2] if len(ref_params) > 2 else None, **case["ce_kwargs"],
                     **{k: x for k, x in case["kwargs"].items() if k != "bias"})
     return ref, ref_params
@@ -165,7 +165,7 @@ def check_logprobs_and_entropy(case, bf16_tolerance=BF16_GRAD_TOLERANCE, **api_k
 
 def check_cross_entropy(case, reduction, bf16_tolerance=BF16_GRAD_TOLERANCE, **api_kwargs):
     """``linear_cross_entropy(..., reduction=reduction, **api_kwargs)`` and its gradients match the reference."""
-    loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], weights=case.get("weights"),
+    loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
                                 reduction=reduction, **case["kwargs"], **case["ce_kwargs"], **api_kwargs)
     ref, ref_params = reference_outputs(case)
     ref = ref[reduction]

@@ -3,22 +3,24 @@ materialized logits and plain autograd. It shares no code with the package."""
 import torch
 
 
-def shifted(hidden, targets, weights, temperature, shift):
+def shifted(hidden, targets, temperature, shift):
     """Apply the causal shift: position t is paired with target t+1, the last position is dropped."""
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.expand(targets.shape)
     if not shift:
-        return hidden, targets, weights, temperature
+        return hidden, targets, temperature
     if isinstance(temperature, torch.Tensor):
         temperature = temperature[..., :-1]
-    return hidden[..., :-1, :], targets[..., 1:], None if weights is None else weights[..., 1:], temperature
+    return hidden[..., :-1, :], targets[..., 1:], temperature
 
 
-def reference(hidden, weight, targets, *, bias=None, weights=None, temperature=1.0, softcap=None,
+def reference(hidden, weight, targets, *, bias=None, token_weights=None, temperature=1.0, softcap=None,
               label_smoothing=0.0, z_loss=0.0, ignore_index=-100, shift=False):
-    """Per-token float64 ``logprobs``, ``entropy``, ``loss`` (reduction none) and ``mean``/``sum`` losses."""
-    h, y, w, temp = shifted(hidden.double(), targets, None if weights is None else weights.double(),
-                            temperature.double() if isinstance(temperature, torch.Tensor) else temperature, shift)
+    """Per-token float64 ``logprobs``, ``entropy``, ``loss`` (reduction none) and ``mean``/``sum`` losses;
+    ``token_weights`` are per target (shaped like the outputs)."""
+    h, y, temp = shifted(hidden.double(), targets,
+                         temperature.double() if isinstance(temperature, torch.Tensor) else temperature, shift)
+    w = None if token_weights is None else token_weights.double()
     s = h @ weight.double().T
     if bias is not None:
         s = s + bias.double()

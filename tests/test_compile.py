@@ -18,15 +18,15 @@ def case(dtype=torch.float32):
     targets[0, :4] = -100
     targets[2] = -100
     temperature = torch.rand(3, 1, generator=gen) + 0.5
-    weights = torch.rand(3, 11, generator=gen)
-    return hidden, weight, bias, targets, temperature, weights
+    token_weights = torch.rand(3, 10, generator=gen)  # per shifted target
+    return hidden, weight, bias, targets, temperature, token_weights
 
 
-def step(hidden, weight, bias, targets, temperature, weights, backend):
+def step(hidden, weight, bias, targets, temperature, token_weights, backend):
     """Every compiled path: logprobs with entropy, and cross-entropy with each reduction."""
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True,
                           shift=True, backend=backend)
-    mean = linear_cross_entropy(hidden, weight, targets, bias=bias, weights=weights, label_smoothing=0.1,
+    mean = linear_cross_entropy(hidden, weight, targets, bias=bias, token_weights=token_weights, label_smoothing=0.1,
                                 z_loss=1e-3, softcap=3.0, shift=True, backend=backend)
     total = linear_cross_entropy(hidden, weight, targets, temperature=0.7, reduction="sum", backend=backend)
     per_token = linear_cross_entropy(hidden, weight, targets, reduction="none", backend=backend)
@@ -75,7 +75,7 @@ def test_inductor_compiles_the_step():
 def test_argument_errors_survive_compilation():
     """Checks that read tensor values run inside the ops, with the eager messages."""
     torch._dynamo.reset()
-    hidden, weight, bias, targets, temperature, weights = case()
+    hidden, weight, bias, targets, temperature, token_weights = case()
     compiled = torch.compile(lambda h, w, t: linear_logprobs(h, w, t).logprobs, fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=r"targets must be in \[0, V\) = \[0, 300\)"):
         compiled(hidden, weight, torch.where(targets == 5, 300, targets).index_fill(1, torch.tensor([1]), 300))

@@ -103,7 +103,7 @@ def _training_outputs(case, backend):
     out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True, **case["kwargs"],
                           backend=backend)
     up_lp, up_ent = upstream_grads(case)
-    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], weights=case.get("weights"),
+    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
                               backend=backend, **case["kwargs"], **case["ce_kwargs"])
     return (out.logprobs, out.entropy, *grads((out.logprobs * up_lp).sum() + (out.entropy * up_ent).sum(), case),
             ce, *grads(ce, case))

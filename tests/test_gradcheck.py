@@ -20,8 +20,8 @@ def inputs(lead, d, v, seed=0):
     targets = torch.randint(0, v, lead, generator=gen)
     targets.view(-1)[1] = -100
     temperature = torch.rand(*lead[:-1], 1, generator=gen, **f64) + 0.5
-    weights = torch.rand(lead, generator=gen, **f64)
-    return hidden, weight, bias, targets, temperature, weights
+    token_weights = torch.rand(lead, generator=gen, **f64)
+    return hidden, weight, bias, targets, temperature, token_weights
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -42,10 +42,11 @@ def test_logprobs_and_entropy_gradcheck(backend, softcap):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_cross_entropy_gradcheck(backend, reduction):
     v = 7 if backend != "torch-vocab-chunks" else VOCAB_BLOCK + 3
-    hidden, weight, bias, targets, temperature, weights = inputs((2, 4), 3, v, seed=1)
+    hidden, weight, bias, targets, temperature, token_weights = inputs((2, 4), 3, v, seed=1)
 
     def f(h, w, b):
-        return linear_cross_entropy(h, w, targets, bias=b, weights=weights, temperature=temperature, softcap=3.0,
+        return linear_cross_entropy(h, w, targets, bias=b, token_weights=token_weights, temperature=temperature,
+                                    softcap=3.0,
                                     label_smoothing=0.1, z_loss=0.01, reduction=reduction, **BACKENDS[backend])
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias), fast_mode=v > 100)

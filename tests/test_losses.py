@@ -119,14 +119,12 @@ def test_aggregation_arguments_are_checked():
 # ---------------------------------------------------------------------------------------------
 # SFT / OSFT
 
-def sft_reference(hidden, weight, targets, *, weights=None, temperature=1.0, ignore_index=-100, normalize="tokens",
-                  shift=False):
-    """Float64 loop over sequences: token NLL of log_softmax(h W^T / temperature), then the normalization."""
+def sft_reference(hidden, weight, targets, *, token_weights=None, temperature=1.0, ignore_index=-100,
+                  normalize="tokens", shift=False):
+    """Float64 loop over sequences: token NLL of log_softmax(h W^T / temperature), then the normalization;
+    ``token_weights`` per target."""
     h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    if shift:
-        h_rows, y, wt = h[..., :-1, :], targets[..., 1:], None if weights is None else weights[..., 1:]
-    else:
-        h_rows, y, wt = h, targets, weights
+    h_rows, y, wt = (h[..., :-1, :], targets[..., 1:], token_weights) if shift else (h, targets, token_weights)
     h_rows, y = h_rows.reshape(-1, y.shape[-1], h.shape[-1]), y.reshape(-1, y.shape[-1])
     wt = None if wt is None else wt.reshape(y.shape).double()
     seq_losses, total, count = [], 0.0, 0
@@ -171,7 +169,8 @@ def sft_case(seed=0, ignore_all=False):
 @pytest.mark.parametrize("use_weights", [False, True])
 def test_sft_loss_matches_reference(backend, normalize, shift, use_weights):
     hidden, weight, targets, weights = sft_case()
-    kwargs = dict(weights=weights if use_weights else None, temperature=0.8, normalize=normalize, shift=shift)
+    token_weights = (weights[..., 1:] if shift else weights) if use_weights else None
+    kwargs = dict(token_weights=token_weights, temperature=0.8, normalize=normalize, shift=shift)
     loss = sft_loss(hidden, weight, targets, backend=backend, **kwargs)
     grads = torch.autograd.grad(loss, (hidden, weight))
     ref_loss, ref_grads = sft_reference(hidden, weight, targets, **kwargs)
@@ -206,8 +205,17 @@ def test_sft_loss_arguments_are_checked():
         sft_loss(hidden, weight, targets, normalize=0.0)
     with pytest.raises(ValueError, match="num_items applies to normalize='tokens' or 'sequences'"):
         sft_loss(hidden, weight, targets, normalize=4.0, num_items=3)
-    with pytest.raises(ValueError, match="weights must have the shape of targets"):
-        sft_loss(hidden, weight, targets, weights=torch.ones(3, 6))
+    with pytest.raises(ValueError, match=r"token_weights must have the shape of the per-token outputs \(3, 6\)"):
+        sft_loss(hidden, weight, targets, token_weights=torch.ones(3, 7), shift=True)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_sft_loss_deprecated_weights_are_shaped_like_targets(shift):
+    hidden, weight, targets, weights = sft_case()
+    expected = sft_loss(hidden, weight, targets, token_weights=weights[..., 1:] if shift else weights, shift=shift)
+    with pytest.warns(DeprecationWarning, match="weights= is deprecated: pass token_weights="):
+        loss = sft_loss(hidden, weight, targets, weights=weights, shift=shift)
+    assert torch.equal(loss, expected)
 
 
 def test_sampling_temperature_schedule():

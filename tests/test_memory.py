@@ -1,6 +1,7 @@
 """Peak extra memory of forward + backward, measured with the live-storage tracker."""
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends.cpu import available as cpu_backend_available
@@ -89,3 +90,24 @@ def test_no_copy_of_the_hidden_rows(dtype, backend):
     out64.logprobs.sum().backward()
     atol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the rounding of d_hidden and of the products
     torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backward_releases_hidden_while_the_graph_lives(backend):
+    """The chunked backends keep the caller's ``hidden`` for the recomputing backward; once that has run,
+    nothing holds it alive, even while the graph (the outputs) still exists: the rest of the model's
+    backward runs without it."""
+    if backend == "cpu" and not cpu_backend_available():
+        pytest.skip("the C++ extension is not built")
+    leaf = torch.randn(3, 40, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 40))
+    targets[:, :10] = -100
+    hidden = leaf * 2.0  # an activation: its multiplication keeps no copy of it
+    storage = StorageWeakRef(hidden.untyped_storage())
+    out = linear_logprobs(hidden, weight, targets, shift=True, backend=backend, memory_budget=None)
+    del hidden
+    assert not storage.expired()  # kept for backward
+    out.logprobs.sum().backward()
+    assert storage.expired()
+    assert out.logprobs.grad_fn is not None and leaf.grad is not None

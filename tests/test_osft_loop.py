@@ -209,6 +209,18 @@ def test_pack_puts_labels_on_responses_only():
     assert batch.num_targets == 5
 
 
+def test_pack_puts_response_values_in_target_coordinates():
+    """Per-token values sit where the fused ops' outputs and ``target_mask`` put each target: entry t
+    belongs to ``labels[:, t + 1]``; with an empty prompt the first response token is no target."""
+    batch = pack([[5, 6, 7], [], [8]], [[9, 2], [10, 11, 2], [3]], pad_id=1,
+                 response_values={"lp": [[-0.5, -0.25], [-1.0, -2.0, -3.0], [-4.0]]})
+    values = batch.token_values["lp"]
+    assert values.shape == batch.target_mask.shape == (3, 4)
+    assert values.tolist() == [[0, 0, -0.5, -0.25], [-2.0, -3.0, 0, 0], [-4.0, 0, 0, 0]]
+    assert torch.equal(values != 0, batch.target_mask)
+    assert batch.truncate(3).token_values["lp"].tolist() == [[0, 0], [-2.0, -3.0], [-4.0, 0]]
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 
@@ -292,8 +304,8 @@ def test_grpo_scores_old_and_reference_logprobs_through_the_micro_batches(tmp_pa
     for name, model in (("old_logprobs", lm), ("ref_logprobs", recipe.reference)):
         whole = target_logprobs(model, batch, temperature=config.grpo.temperature)
         scored = batch.token_values[name]
-        assert scored.shape == batch.labels.shape and not scored[:, 0].any()
-        torch.testing.assert_close(scored[:, 1:], whole, rtol=1e-5, atol=1e-6)
+        assert scored.shape == batch.target_mask.shape
+        torch.testing.assert_close(scored, whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -312,7 +324,7 @@ def test_grpo_importance_sampling_on_policy_runs_the_decoder_once(tmp_path, mode
     torch.manual_seed(0)
     batch, _ = recipe.make_batch(arithmetic_rows()[:2], epoch=0.0)
     shift = torch.tensor([-0.3, 0.3, -0.3, 0.3])[:, None]  # ratios above the cap on rows 0 and 2, below on 1 and 3
-    batch.token_values["engine_logprobs"] += torch.where(batch.labels != -100, shift, 0.0)
+    batch.token_values["engine_logprobs"] += torch.where(batch.target_mask, shift, 0.0)
     forwards = []
     decoder = CausalLM.hidden_states
     monkeypatch.setattr(CausalLM, "hidden_states", lambda self, *args: forwards.append(1) or decoder(self, *args))
@@ -321,7 +333,7 @@ def test_grpo_importance_sampling_on_policy_runs_the_decoder_once(tmp_path, mode
     monkeypatch.setattr(CausalLM, "hidden_states", decoder)
     mask = batch.target_mask
     trainer = target_logprobs(lm, batch, temperature=1.0)
-    weights = truncated_importance_weights(trainer, batch.shifted("engine_logprobs"), mask, cap=1.2, level=level)
+    weights = truncated_importance_weights(trainer, batch.token_values["engine_logprobs"], mask, cap=1.2, level=level)
     assert (weights[mask] == 1.2).any() and (weights[mask] < 1.2).any()
     expected, _ = grpo_loss(lm.hidden_states(batch.input_ids, batch.attention_mask), lm.head().weight, batch.labels,
                             None, batch.row_values["advantages"], is_weights=weights, shift=True,
@@ -371,7 +383,7 @@ def test_grpo_advantages_and_clip_metrics_on_a_constructed_batch(tmp_path, model
     from osft.scoring import target_logprobs
     current = target_logprobs(lm, batch, temperature=1.0)
     shift = torch.tensor([-0.3, 0.3, 0.0, 0.0])[:, None]
-    batch.token_values["old_logprobs"] = torch.cat([torch.zeros(4, 1), current + shift], 1)
+    batch.token_values["old_logprobs"] = current + shift
     loss, loss_metrics = recipe.loss(batch, recipe.num_items(batch))
     mask = batch.labels[:, 1:] != -100
     row0, row1 = int(mask[0].sum()), int(mask[1].sum())
@@ -568,12 +580,12 @@ def test_greedy_evaluation_and_no_evaluation_at_start(tmp_path, model_dir, data_
 
 
 def test_greedy_generation_is_the_argmax_path(model_dir):
-    from osft.config import ModelConfig, RolloutConfig
+    from osft.config import Config, ModelConfig, RolloutConfig
     from osft.rollout import HFGenerateEngine
 
     lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
     prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6]]
-    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=6, batch_size=2, autocast="off"))
+    engine = HFGenerateEngine(lm, Config(rollout=RolloutConfig(max_new_tokens=6, batch_size=2, autocast="off")))
     torch.manual_seed(1)
     first = engine.generate(prompts, temperature=0.0)
     torch.manual_seed(2)
@@ -593,7 +605,7 @@ def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
     recorded logprob is that of the bfloat16 distribution (a teacher-forced pass under the same autocast
     gives it back), not the float32 one; ``auto`` picks it only for float32 weights on hardware that
     multiplies bfloat16 natively."""
-    from osft.config import ModelConfig, RolloutConfig
+    from osft.config import Config, ModelConfig, RolloutConfig
     from osft.model import native_bfloat16
     from osft.rollout import HFGenerateEngine, generation_autocast
 
@@ -603,7 +615,7 @@ def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
     assert generation_autocast(copy.deepcopy(lm.model).bfloat16(), "bfloat16") is None  # already bfloat16
     with torch.no_grad():  # a sharper distribution than the tiny model's, so that bfloat16 shows
         lm.model.lm_head.weight.mul_(6.0)
-    engine = HFGenerateEngine(lm, RolloutConfig(max_new_tokens=8, batch_size=3, autocast="bfloat16"))
+    engine = HFGenerateEngine(lm, Config(rollout=RolloutConfig(max_new_tokens=8, batch_size=3, autocast="bfloat16")))
     prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6], [7, 8, 9, 10]]
     torch.manual_seed(0)
     completions = engine.generate(prompts, temperature=1.0)

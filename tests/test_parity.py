@@ -52,7 +52,7 @@ def test_cross_entropy_without_grad_matches(backend):
     """The forward-only path (no gradient wanted) gives the same losses as the training path."""
     case = make_case((4, 33), 24, 3001, torch.float32, FEATURES["everything"])
     args = (case["hidden"], case["weight"], case["targets"])
-    kwargs = dict(weights=case["weights"], **case["kwargs"], **case["ce_kwargs"], **backend_kwargs(backend, 3001))
+    kwargs = dict(token_weights=case["token_weights"], **case["kwargs"], **case["ce_kwargs"], **backend_kwargs(backend, 3001))
     for reduction in ("sum", "mean"):
         with torch.no_grad():
             inference = linear_cross_entropy(*args, reduction=reduction, **kwargs)

@@ -103,7 +103,7 @@ def test_fused_forward_statistics(shape, feature, dtype):
     with torch.no_grad():
         out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True, backend="triton",
                               memory_budget=0, **case["kwargs"])
-        loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], weights=case.get("weights"),
+        loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
                                     reduction="none", backend="triton", memory_budget=0, **case["kwargs"],
                                     **case["ce_kwargs"])
     assert out.logprobs.shape == loss.shape == out_shape(case)
@@ -119,7 +119,7 @@ def _training_run(case, **kwargs):
     out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True, backend="triton",
                           **case["kwargs"], **kwargs)
     up_lp, up_ent = (u[..., :-1] if case["kwargs"].get("shift") else u for u in case["upstream"])
-    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], weights=case.get("weights"),
+    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
                               backend="triton", **case["kwargs"], **case["ce_kwargs"], **kwargs)
     return (out.logprobs, out.entropy, *grads((out.logprobs * up_lp).sum() + (out.entropy * up_ent).sum(), case),
             ce, *grads(ce, case))

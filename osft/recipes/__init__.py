@@ -8,6 +8,7 @@ from torch import Tensor
 from ..config import Config
 from ..data import Sequences
 from ..model import CausalLM
+from ..rollout import RolloutEngine, make_engine
 from .grpo import GRPORecipe
 from .osft import OSFTRecipe
 from .pear import PEARRecipe
@@ -18,6 +19,7 @@ class Recipe(Protocol):
     """What the training loop asks of a recipe."""
 
     columns: ClassVar[tuple[str, ...]]  # the DataConfig fields naming the data columns it reads
+    generates: ClassVar[bool]           # whether it samples from the policy (made with a rollout engine)
     updates_per_batch: int              # optimizer steps each batch serves
 
     def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict[str, float]]:
@@ -33,5 +35,10 @@ class Recipe(Protocol):
 RECIPES: dict[str, type[Recipe]] = {"sft": SFTRecipe, "osft": OSFTRecipe, "pear": PEARRecipe, "grpo": GRPORecipe}
 
 
-def make_recipe(config: Config, lm: CausalLM) -> Recipe:
-    return RECIPES[config.recipe](config, lm)
+def make_recipe(config: Config, lm: CausalLM, engine: RolloutEngine | None = None) -> Recipe:
+    """``config.recipe``'s recipe for ``lm``; one that generates samples with ``engine`` (default: a new
+    ``rollout.engine`` engine of ``lm``)."""
+    recipe = RECIPES[config.recipe]
+    if not recipe.generates:
+        return recipe(config, lm)
+    return recipe(config, lm, engine if engine is not None else make_engine(lm, config))

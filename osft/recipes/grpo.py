@@ -12,7 +12,7 @@ from ..config import Config
 from ..data import Sequences, micro_batches, pack, prompt_text, tokenize_prompts
 from ..model import CausalLM, load_causal_lm
 from ..rewards import REWARDS
-from ..rollout import completion_metrics, make_engine
+from ..rollout import RolloutEngine, completion_metrics
 from ..scoring import target_logprobs
 
 # policy_loss's metrics under the names TRL and verl users know
@@ -22,10 +22,10 @@ METRIC_NAMES = {"clip_frac_low": "clip_ratio/low_mean", "clip_frac_high": "clip_
 
 class GRPORecipe:
     columns = ("prompt_column", "answer_column")
+    generates = True
 
-    def __init__(self, config: Config, lm: CausalLM):
-        self.config, self.lm = config, lm
-        self.engine = make_engine(lm, config)
+    def __init__(self, config: Config, lm: CausalLM, engine: RolloutEngine):
+        self.config, self.lm, self.engine = config, lm, engine
         self.updates_per_batch = config.grpo.num_iterations
         self.reward = REWARDS[config.grpo.reward]
         self.reference = None
@@ -59,13 +59,13 @@ class GRPORecipe:
                        "rewards/unjudged_ratio": unjudged / len(rewards), **completion_metrics(completions)}
 
     def _score(self, model: CausalLM, batch: Sequences) -> Tensor:
-        """Logprobs of ``batch``'s targets under ``model`` at their token positions ``[B, T]`` (0 elsewhere),
-        scored through the training micro-batches (``optim.micro_batch_tokens``)."""
-        scored = torch.zeros(batch.labels.shape)
+        """Logprobs of ``batch``'s targets under ``model``, ``[B, T - 1]`` like ``batch.target_mask`` (0
+        elsewhere), scored through the training micro-batches (``optim.micro_batch_tokens``)."""
+        scored = torch.zeros(batch.target_mask.shape)
         row = 0
         for micro in micro_batches(batch, self.config.optim.micro_batch_tokens):
             rows, width = micro.labels.shape
-            scored[row:row + rows, 1:width] = target_logprobs(model, micro.to(model.device),
+            scored[row:row + rows, :width - 1] = target_logprobs(model, micro.to(model.device),
                                                               temperature=self.config.grpo.temperature).cpu()
             row += rows
         return scored
@@ -75,10 +75,10 @@ class GRPORecipe:
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         grpo = self.config.grpo
-        old = micro.shifted("old_logprobs") if "old_logprobs" in micro.token_values else None
-        ref = micro.shifted("ref_logprobs") if "ref_logprobs" in micro.token_values else None
+        old = micro.token_values.get("old_logprobs")
+        ref = micro.token_values.get("ref_logprobs")
         # truncated importance sampling against the engine, on policy from the fused pass's own logprobs
-        importance = {"rollout_logprobs": micro.shifted("engine_logprobs"), "is_cap": grpo.is_cap,
+        importance = {"rollout_logprobs": micro.token_values["engine_logprobs"], "is_cap": grpo.is_cap,
                       "is_level": grpo.is_level} if grpo.is_cap is not None else {}
         loss, metrics = grpo_loss(**self.lm.fused_inputs(micro, grpo.temperature), old_logprobs=old,
                                   advantages=micro.row_values["advantages"], ref_logprobs=ref, **importance,

@@ -9,16 +9,16 @@ from osft_kernels.losses import count_items, sampling_temperature, sft_loss
 from ..config import Config
 from ..data import Sequences, pack, tokenize_prompts
 from ..model import CausalLM
-from ..rollout import completion_metrics, make_engine
+from ..rollout import RolloutEngine, completion_metrics
 
 
 class OSFTRecipe:
     updates_per_batch = 1
     columns = ("prompt_column",)
+    generates = True
 
-    def __init__(self, config: Config, lm: CausalLM):
-        self.config, self.lm = config, lm
-        self.engine = make_engine(lm, config)
+    def __init__(self, config: Config, lm: CausalLM, engine: RolloutEngine):
+        self.config, self.lm, self.engine = config, lm, engine
 
     def make_batch(self, rows: list[dict], epoch: float) -> tuple[Sequences, dict]:
         osft = self.config.osft

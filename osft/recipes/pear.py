@@ -13,6 +13,7 @@ from ..model import CausalLM
 class PEARRecipe:
     updates_per_batch = 1
     columns = ("prompt_column", "response_column", "behavior_logprobs_column")
+    generates = False
 
     def __init__(self, config: Config, lm: CausalLM):
         self.config, self.lm = config, lm
@@ -29,7 +30,7 @@ class PEARRecipe:
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         pear = self.config.pear
-        loss = pear_loss(**self.lm.fused_inputs(micro), logp_behavior=micro.shifted("behavior_logprobs"),
+        loss = pear_loss(**self.lm.fused_inputs(micro), logp_behavior=micro.token_values["behavior_logprobs"],
                          level=pear.level, block_size=pear.block_size, gamma=pear.gamma,
                          log_ratio_clip=(pear.log_ratio_clip_low, pear.log_ratio_clip_high),
                          log_weight_clip=(pear.log_weight_clip_low, pear.log_weight_clip_high),

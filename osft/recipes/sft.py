@@ -11,6 +11,7 @@ from ..model import CausalLM
 class SFTRecipe:
     updates_per_batch = 1
     columns = ("prompt_column", "response_column")
+    generates = False
 
     def __init__(self, config: Config, lm: CausalLM):
         self.config, self.lm = config, lm

@@ -5,9 +5,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..backend import Backend
+from ..backend import Backend, BackendOptions
 from ..driver import LOG_ZERO
-from ..inputs import BackendOptions, TokenRows, compute_dtype
+from ..token_rows import TokenRows, compute_dtype
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,

@@ -18,16 +18,13 @@ import torch
 from torch import Tensor
 
 from .. import driver
-from ..backend import Backend
-from ..driver import NUM_PARTIALS, VOCAB_BLOCK, Chunk, OutputLayer, ceil_div, inverse_temperature
-from ..inputs import BackendOptions, TokenRows, wants_grad
+from ..backend import Backend, BackendOptions
+from ..driver import NUM_PARTIALS, Chunk, OutputLayer, ceil_div, inverse_temperature
 from ..row_stats import NUM_STATS
-from ..triton_kernels import configs
-from ..triton_kernels.epilogue import block_stats_kernel, logit_grad_kernel
-from ..triton_kernels.forward import merge_partials_kernel, row_partials_kernel
+from ..token_rows import TokenRows, wants_grad
+from ..triton_kernels import configs, launches
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MERGE_BLOCK = 128
 
 
 def check_inputs(hidden: Tensor) -> None:
@@ -49,30 +46,19 @@ def check_inputs(hidden: Tensor) -> None:
 def launch_block_stats(z: Tensor, partials: Tensor, target_logit: Tensor, targets: Tensor, inv_temp: Tensor,
                        bias: Tensor | None, softcap: float | None, v0: int, *, entropy: bool, mean: bool, square: bool,
                        config: configs.EpilogueConfig | None = None) -> None:
-    """:func:`block_stats_kernel` over the logits chunk ``z [r, w]`` of columns ``v0:v0+w`` (see its docstring)."""
-    r, w = z.shape
-    if r == 0:
-        return
-    config = config or (configs.SQUARE_STATS_EPILOGUE if square else configs.STATS_EPILOGUE)
-    block_stats_kernel[(ceil_div(r, config.rows), ceil_div(w, VOCAB_BLOCK))](
-        z, z.stride(0), z if bias is None else bias, targets, inv_temp, partials, partials.stride(0), target_logit,
-        r, w, v0, 1.0 if softcap is None else float(softcap), BLOCK=VOCAB_BLOCK, TILE=config.tile, ROWS=config.rows,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy, SQUARE=square,
-        PARTIALS=NUM_PARTIALS, num_warps=config.warps)
+    """Run :func:`launches.block_stats` (nothing for an empty chunk)."""
+    if z.shape[0]:
+        launches.block_stats(z, partials, target_logit, targets, inv_temp, bias, softcap, v0, entropy=entropy,
+                             mean=mean, square=square, config=config)()
 
 
 def launch_logit_grad(z: Tensor, dz: Tensor, targets: Tensor, inv_temp: Tensor, stats: Tensor, coef: Tensor,
                       bias: Tensor | None, softcap: float | None, v0: int, vocab_size: int, *, entropy: bool,
                       mean: bool, config: configs.EpilogueConfig = configs.GRAD_EPILOGUE) -> None:
-    """:func:`logit_grad_kernel` from the logits chunk ``z [r, w]`` into ``dz [r, w]`` (which may alias it)."""
-    r, w = z.shape
-    if r == 0:
-        return
-    logit_grad_kernel[(ceil_div(r, config.rows),)](
-        z, z.stride(0), dz, dz.stride(0), z if bias is None else bias, targets, inv_temp, stats, coef, r, w, v0,
-        vocab_size, 1.0 if softcap is None else float(softcap), TILE=config.tile, ROWS=config.rows,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, MEAN=mean, ENTROPY=entropy, STATS=NUM_STATS,
-        num_warps=config.warps)
+    """Run :func:`launches.logit_grad` (nothing for an empty chunk)."""
+    if z.shape[0]:
+        launches.logit_grad(z, dz, targets, inv_temp, stats, coef, bias, softcap, v0, vocab_size, entropy=entropy,
+                            mean=mean, config=config)()
 
 
 class TritonEpilogue:
@@ -106,25 +92,18 @@ def fused_forward_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, so
     hidden = rows.hidden_rows()
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    n, d = hidden.shape
+    n = hidden.shape[0]
     v = weight.shape[0]
     stats = hidden.new_zeros(n, NUM_STATS, dtype=torch.float32)
     if n == 0:
         return stats
-    num_chunks = ceil_div(v, configs.CHUNK_COLUMNS)
-    partials = hidden.new_empty(num_chunks * NUM_PARTIALS * n, dtype=torch.float32)
-    config = configs.forward_config(hidden.device, hidden.dtype)
-    grid = (ceil_div(n, config.kwargs["BLOCK_N"]) * num_chunks,)
-    row_partials_kernel[grid](
-        hidden, weight, bias if bias is not None else stats, rows.targets.contiguous(),
-        inverse_temperature(rows.temperature, n, hidden), stats, partials, n, d, v, hidden.stride(0), weight.stride(0),
-        1.0 if softcap is None else float(softcap), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        MEAN=mean, ENTROPY=entropy, SQUARE=square, STATS=NUM_STATS, PARTIALS=NUM_PARTIALS, UPCAST=configs.INTERPRETING,
-        INPUT_PRECISION=configs.input_precision(hidden.dtype),
-        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    merge_partials_kernel[(ceil_div(n, MERGE_BLOCK),)](partials, stats, n, v, num_chunks, BLOCK=MERGE_BLOCK,
-                                                       MEAN=mean, ENTROPY=entropy, SQUARE=square, STATS=NUM_STATS,
-                                                       PARTIALS=NUM_PARTIALS)
+    partials = hidden.new_empty(ceil_div(v, configs.CHUNK_COLUMNS) * NUM_PARTIALS * n, dtype=torch.float32)
+    flags = dict(entropy=entropy, mean=mean, square=square)
+    inv_temp = inverse_temperature(rows.temperature, n, hidden)
+    launches.row_partials(hidden, weight, bias, rows.targets.contiguous(), inv_temp, stats, partials, softcap, **flags,
+                          config=configs.forward_config(hidden.device, hidden.dtype),
+                          input_precision=configs.input_precision(hidden.dtype))()
+    launches.merge_partials(partials, stats, v, **flags)()
     return stats
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .. import inputs
+from .. import checks
 from ..api import linear_cross_entropy, linear_logprobs
 from ..backends import BACKENDS
 from .head import OutputHead, output_head
@@ -74,9 +74,9 @@ class _Request:
         """Removes this request's keywords from a forward call's ``kwargs`` and checks them."""
         request = cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
         for name in ("return_token_logprobs", "return_entropy"):
-            inputs.check_flag(name, getattr(request, name))
+            checks.check_flag(name, getattr(request, name))
         if request.skip_logits is not None:
-            inputs.check_flag("skip_logits", request.skip_logits)
+            checks.check_flag("skip_logits", request.skip_logits)
         if request.targets is not None and request.shift_targets is not None:
             raise ValueError("pass targets (aligned with input_ids, shifted inside) or shift_targets (already "
                              "shifted), not both")
@@ -171,7 +171,7 @@ def _warn_fallback(model_type: str, class_name: str) -> None:
 def fused_options(backend, memory_budget) -> FusedOptions:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-    inputs.backend_options(memory_budget)  # raises on a bad budget now rather than at the first step
+    checks.backend_options(memory_budget)  # raises on a bad budget now rather than at the first step
     return FusedOptions(backend, memory_budget)
 
 

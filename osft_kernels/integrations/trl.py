@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from trl.trainer import utils as trl_utils
 
-from .. import inputs
+from .. import checks, token_rows
 from ..api import linear_token_outputs
 from .head import output_head
 from .transformers import call_keywords, check_patchable, decoder_hidden_states, fused_options, router_aux_loss_coef
@@ -50,7 +50,7 @@ def use_fused_ops(*, backend: str = "auto", memory_budget: int | None = None, al
     ``backend``, ``memory_budget``: as in :func:`osft_kernels.linear_token_outputs`. ``allow_untested``: run
     with a TRL version other than :data:`TESTED_VERSIONS` (otherwise a RuntimeError). :func:`restore` undoes it.
     """
-    inputs.check_flag("allow_untested", allow_untested)
+    checks.check_flag("allow_untested", allow_untested)
     _check_version(allow_untested)
     fused_options(backend, memory_budget)
     for name in TRAINER_MODULES:
@@ -104,8 +104,8 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, cast_lm_head_t
     divided by ``temperature`` (float > 0); ``cast_lm_head_to_fp32``: the head in float32. Other calls run the
     original forward. ``backend``, ``memory_budget``: as in :func:`osft_kernels.linear_token_outputs`.
     """
-    inputs.check_positive_number("temperature", temperature)
-    inputs.check_flag("cast_lm_head_to_fp32", cast_lm_head_to_fp32)
+    checks.check_positive_number("temperature", temperature)
+    checks.check_flag("cast_lm_head_to_fp32", cast_lm_head_to_fp32)
     if isinstance(outputs, str) or not all(name in FIELDS for name in outputs):
         raise ValueError(f"outputs must be a tuple of names among {tuple(FIELDS)}, got {outputs!r}")
     options = fused_options(backend, memory_budget)
@@ -151,7 +151,7 @@ def _fused_output(model, run_original, call: dict, labels: Tensor, shift: bool, 
     out = linear_token_outputs(hidden, weight, labels, outputs=wanted, bias=bias,
                                temperature=temperature * head.temperature_scale, softcap=head.softcap, shift=shift,
                                backend=options.backend, memory_budget=options.memory_budget)
-    label_mask = inputs.target_mask(labels, -100, shift)
+    label_mask = token_rows.target_mask(labels, -100, shift)
     count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -out.logprobs.sum() / count
     aux_loss = model_outputs.get("aux_loss") if call.get("output_router_logits") else None

@@ -13,7 +13,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .. import inputs
+from .. import checks
 from ..api import linear_logprobs
 
 VERL_KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
@@ -47,10 +47,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     if not isinstance(temperature, Real) or isinstance(temperature, bool):
         raise TypeError(f"temperature must be a float (verl's fused path takes one temperature per batch), "
                         f"got {temperature!r}")
-    inputs.check_positive_number("temperature", temperature)
+    checks.check_positive_number("temperature", temperature)
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    inputs.check_head(hidden, weight, None)
+    checks.check_head(hidden, weight, None)
     flat_labels = _check_labels(labels, hidden, weight.shape[0])
     out = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, temperature=float(temperature),
                           ignore_index=-1, return_entropy=True, backend=backend, memory_budget=memory_budget)
@@ -77,7 +77,7 @@ def _check_process_group(group) -> None:
 
 def _check_labels(labels, hidden: Tensor, vocab_size: int) -> Tensor:
     """``labels`` flattened to ``[N]`` int64, ``N = hidden.numel() // D``, every value in ``[0, V)``."""
-    inputs.require_tensor("labels", labels)
+    checks.require_tensor("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor (token ids), got {labels.dtype}")
     rows = hidden.shape[:-1].numel()

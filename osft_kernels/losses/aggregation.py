@@ -34,26 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..inputs import check_positive_number, is_finite_number
+from ..checks import check_positive_number, is_finite_number
+from .checks import AGGREGATIONS, check_mask
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "constant")
 # the ``normalize`` names of the SFT and PEAR losses
 NORMALIZATIONS = {"tokens": "token-mean", "sequences": "seq-mean-token-mean"}
-
-
-def check_mask(mask, like: Tensor, name: str = "mask") -> Tensor:
-    """A bool (or integer/float 0/1) tensor with ``like``'s shape and device, returned as bool."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
-    if mask.device != like.device:
-        raise ValueError(f"{name} is on {mask.device} but the per-token values are on {like.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must be a bool tensor or contain only 0 and 1")
-        mask = mask != 0
-    return mask
 
 
 def _positive_count(name: str, value) -> float | None:

@@ -9,47 +9,23 @@ import torch
 from torch import Tensor
 
 from ..api import linear_logprobs, linear_token_loss
-from ..inputs import is_finite_number, target_mask
-from .aggregation import AGGREGATIONS, aggregation_weights, check_mask
+from ..token_rows import target_mask
+from .aggregation import aggregation_weights
+from .checks import (
+    KL_ESTIMATORS,
+    check_finite_at,
+    check_importance_options,
+    check_like,
+    check_log_ratio_limit,
+    check_mask,
+    check_number,
+    check_policy_options,
+)
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "low_var_kl+")
 LOG_RATIO_LIMIT = 20.0  # log-ratios are clamped to [-20, 20] before exp, as verl does (TRL does not)
 LOW_VAR_KL_LIMIT = 10.0  # verl clamps the low_var_kl value to [-10, 10]
 NAN_ROLLOUT = ("raise", "ratio_one")
-PG_LOSSES = ("ppo", "cispo", "sapo")
-
-
-def _check_number(name: str, value, *, low: float | None = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not is_finite_number(value) or (low is not None and value < low):
-        bound = "" if low is None else f" >= {low}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-
-
-def _check_log_ratio_limit(value) -> None:
-    if value is not None and (not is_finite_number(value) or value <= 0):
-        raise ValueError(f"log_ratio_limit must be None or a finite number > 0, got {value!r}")
-
-
-def _check_finite_at(mask: Tensor, **values: Tensor | None) -> None:
-    """Refuse the first of ``values`` that is not finite at ``mask``, reading all the checks back at once."""
-    named = [(name, value) for name, value in values.items() if value is not None]
-    if not named:
-        return
-    finite = torch.stack([torch.isfinite(torch.where(mask, value, 0.0)).all() for _, value in named]).tolist()
-    for (name, _), ok in zip(named, finite):
-        if not ok:
-            raise ValueError(f"{name} must be finite at the masked (completion) tokens")
-
-
-def _check_like(name: str, value, like: Tensor) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of logprobs {tuple(like.shape)}, got {tuple(value.shape)}")
-    return value.to(like.device)
 
 
 def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> Tensor:
@@ -70,7 +46,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
                          f"got {group_size!r}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
-    _check_number("eps", eps, low=0.0)
+    check_number("eps", eps, low=0.0)
     groups = rewards.float().view(-1, group_size)
     if not bool(torch.isfinite(groups).all()):
         raise ValueError("rewards must be finite in float32, the dtype of the computation (map failed or "
@@ -106,7 +82,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", *,
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    _check_log_ratio_limit(log_ratio_limit)
+    check_log_ratio_limit(log_ratio_limit)
     d = ref_logprobs - logprobs
     if estimator.endswith("+"):
         k2 = 0.5 * d.square()
@@ -122,14 +98,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", *,
     return torch.expm1(d) - d
 
 
-def _check_importance_options(cap_name: str, cap, level_name: str, level) -> None:
-    _check_number(cap_name, cap, low=0.0)
-    if cap <= 0:
-        raise ValueError(f"{cap_name} must be > 0, got {cap!r}")
-    if level not in ("token", "sequence"):
-        raise ValueError(f"{level_name} must be 'token' or 'sequence', got {level!r}")
-
-
 def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mask: Tensor, *, cap: float = 2.0,
                                  level: str = "token", nan_rollout: str = "raise") -> Tensor:
     """Detached ``min(pi_trainer / pi_rollout, cap)``: the correction for a rollout engine whose
@@ -142,13 +110,13 @@ def truncated_importance_weights(logp_trainer: Tensor, logp_rollout: Tensor, mas
     """
     if not isinstance(logp_trainer, Tensor) or logp_trainer.dim() < 1:
         raise TypeError("logp_trainer must be a torch.Tensor of shape [..., T]")
-    logp_rollout = _check_like("logp_rollout", logp_rollout, logp_trainer)
+    logp_rollout = check_like("logp_rollout", logp_rollout, logp_trainer)
     mask = check_mask(mask, logp_trainer)
-    _check_importance_options("cap", cap, "level", level)
+    check_importance_options("cap", cap, "level", level)
     if nan_rollout not in NAN_ROLLOUT:
         raise ValueError(f"nan_rollout must be one of {NAN_ROLLOUT}, got {nan_rollout!r}")
     trainer, rollout = logp_trainer.detach().float(), logp_rollout.detach().float()
-    _check_finite_at(mask, logp_trainer=trainer)
+    check_finite_at(mask, logp_trainer=trainer)
     known = ~rollout.isnan() if nan_rollout == "ratio_one" else torch.ones_like(mask)
     if not bool(torch.isfinite(rollout[mask & known]).all()):
         raise ValueError("logp_rollout must be finite at the masked (completion) tokens"
@@ -224,7 +192,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     if not isinstance(logprobs, Tensor) or logprobs.dim() < 1:
         raise TypeError("logprobs must be a torch.Tensor of shape [..., T]")
     mask = check_mask(mask, logprobs)
-    _check_finite_at(mask, logprobs=logprobs.detach())
+    check_finite_at(mask, logprobs=logprobs.detach())
     terms = _policy_terms(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                           dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
                           kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
@@ -236,7 +204,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tenso
     # values at masked tokens never matter; zero them so no inf/NaN there can reach a gradient
     logprobs = torch.where(mask, logprobs, 0.0)
     if entropy is not None:
-        entropy = torch.where(mask, _check_like("entropy", entropy, logprobs), 0.0)
+        entropy = torch.where(mask, check_like("entropy", entropy, logprobs), 0.0)
     token_loss, parts = _token_policy_loss(logprobs, entropy, terms)
     loss = torch.where(mask, token_loss, 0.0).sum()
     return loss, _policy_metrics(parts, terms, mask)
@@ -300,7 +268,7 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
                   sapo_temperatures, rollout_logprobs=None, is_cap=2.0) -> _PolicyTerms:
     """Check the per-token inputs against the token grid ``like [..., T]`` and ``mask``; mask them."""
     if old_logprobs is not None:
-        old_logprobs = _check_like("old_logprobs", old_logprobs, like).detach()
+        old_logprobs = check_like("old_logprobs", old_logprobs, like).detach()
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     if advantages.shape == like.shape[:-1]:
@@ -309,35 +277,16 @@ def _policy_terms(like: Tensor, old_logprobs, advantages, mask: Tensor, *, clip_
         raise ValueError(f"advantages must have shape {tuple(like.shape[:-1])} (per sequence) or "
                          f"{tuple(like.shape)} (per token), got {tuple(advantages.shape)}")
     advantages = advantages.detach().to(like.device, like.dtype).expand(like.shape)
-    _check_number("clip_low", clip_low, low=0.0)
-    _check_number("clip_high", clip_high, low=0.0)
-    if clip_low >= 1:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    _check_number("dual_clip", dual_clip, allow_none=True)
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
-    if pg_loss not in PG_LOSSES:
-        raise ValueError(f"pg_loss must be one of {PG_LOSSES}, got {pg_loss!r}")
-    if dual_clip is not None and pg_loss != "ppo":
-        raise ValueError(f"dual_clip applies to pg_loss='ppo', not {pg_loss!r}")
-    if (not isinstance(sapo_temperatures, tuple | list) or len(sapo_temperatures) != 2
-            or not all(is_finite_number(t) and t > 0 for t in sapo_temperatures)):
-        raise ValueError(f"sapo_temperatures must be a pair of finite numbers > 0, got {sapo_temperatures!r}")
-    _check_number("kl_coef", kl_coef, low=0.0)
-    _check_number("entropy_coef", entropy_coef)
-    _check_log_ratio_limit(log_ratio_limit)
+    check_policy_options(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, pg_loss=pg_loss,
+                         sapo_temperatures=sapo_temperatures, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                         kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef, entropy_agg=entropy_agg,
+                         log_ratio_limit=log_ratio_limit)
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if not isinstance(kl_bias_correction, bool):
-        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
-    if entropy_agg is not None and entropy_agg not in AGGREGATIONS:
-        raise ValueError(f"entropy_agg must be None or one of {AGGREGATIONS}, got {entropy_agg!r}")
-    masked = (lambda name, t: None if t is None else torch.where(mask, _check_like(name, t, like).detach(), 0.0))
+    masked = (lambda name, t: None if t is None else torch.where(mask, check_like(name, t, like).detach(), 0.0))
     ref_logprobs, is_weights = masked("ref_logprobs", ref_logprobs), masked("is_weights", is_weights)
     rollout_logprobs = masked("rollout_logprobs", rollout_logprobs)
-    _check_finite_at(mask, advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+    check_finite_at(mask, advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                      is_weights=is_weights, rollout_logprobs=rollout_logprobs)
     if is_weights is not None and bool((is_weights < 0).any()):
         raise ValueError("is_weights must be >= 0")
@@ -427,7 +376,7 @@ def grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Ten
     if rollout_logprobs is not None:
         if is_weights is not None:
             raise ValueError("pass is_weights or rollout_logprobs (the weights are then formed here), not both")
-        _check_importance_options("is_cap", is_cap, "is_level", is_level)
+        check_importance_options("is_cap", is_cap, "is_level", is_level)
         trainer = old_logprobs
         if trainer is None and is_level == "sequence":
             with torch.no_grad():

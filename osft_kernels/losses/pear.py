@@ -21,18 +21,12 @@ import torch
 from torch import Tensor
 
 from ..api import linear_logprobs
-from ..inputs import is_finite_number, target_mask
-from .aggregation import NORMALIZATIONS, aggregate, check_mask
+from ..checks import is_finite_number
+from ..token_rows import target_mask
+from .aggregation import NORMALIZATIONS, aggregate
+from .checks import check_interval, check_mask
 
 LEVELS = ("token", "block", "sequence")
-
-
-def _check_interval(name: str, value) -> tuple[float, float]:
-    if (not isinstance(value, tuple | list) or len(value) != 2
-            or not all(is_finite_number(v) for v in value)
-            or value[0] > value[1]):
-        raise ValueError(f"{name} must be a pair (low, high) of finite numbers with low <= high, got {value!r}")
-    return float(value[0]), float(value[1])
 
 
 def _exclusive_suffix_sum(x: Tensor) -> Tensor:
@@ -67,8 +61,8 @@ def pear_weights(logp_current: Tensor, logp_behavior: Tensor, mask: Tensor, *, l
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if not is_finite_number(gamma) or not 0 < gamma <= 1:
         raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-    ratio_low, ratio_high = _check_interval("log_ratio_clip", log_ratio_clip)
-    weight_low, weight_high = _check_interval("log_weight_clip", log_weight_clip)
+    ratio_low, ratio_high = check_interval("log_ratio_clip", log_ratio_clip)
+    weight_low, weight_high = check_interval("log_weight_clip", log_weight_clip)
 
     log_ratio = logp_current.detach().float() - logp_behavior.detach().float().to(logp_current.device)
     if not bool(torch.isfinite(log_ratio[mask]).all()):

@@ -8,33 +8,29 @@ gradient ``(softmax(z / tau_t) - softmax(z / tau_s)) / tau_t`` sharpens the dist
 every logit margin toward ``tau_t / tau_s`` times its old value.
 """
 
-import torch
 from torch import Tensor
 
-from .. import inputs
+from .. import checks, token_rows
 from ..api import linear_cross_entropy
 from .aggregation import NORMALIZATIONS, aggregation_weights
 
 
-def unshift(values: Tensor, shift: bool) -> Tensor:
-    """Per-target values shaped like the shifted targets, padded back to the unshifted shape (the
-    first position, which no position predicts, gets 0), as the public functions take ``weights``."""
-    return torch.cat([values.new_zeros(*values.shape[:-1], 1), values], -1) if shift else values
-
-
-def sft_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, weights: Tensor | None = None,
+def sft_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, token_weights: Tensor | None = None,
              temperature: float | Tensor = 1.0, ignore_index: int = -100, normalize: str | float = "tokens",
              num_items: float | None = None, bias: Tensor | None = None, softcap: float | None = None,
-             shift: bool = False, backend: str = "auto", **kernel_options) -> Tensor:
-    """``sum_{i,t} c_{i,t} * weights_{i,t} * -log softmax(z_{i,t} / temperature)[y_{i,t}]``.
+             shift: bool = False, backend: str = "auto", weights: Tensor | None = None,
+             **kernel_options) -> Tensor:
+    """``sum_{i,t} c_{i,t} * token_weights_{i,t} * -log softmax(z_{i,t} / temperature)[y_{i,t}]``.
 
     The token-weighted SFT loss; OSFT with ``temperature = tau_t`` on sampled responses, PEAR with
-    ``weights = pear_weights(...)``. One fused cross-entropy call: the normalization ``c`` is folded
+    ``token_weights = pear_weights(...)``. One fused cross-entropy call: the normalization ``c`` is folded
     into the per-token weights, so no ``[N, V]`` tensor and no second pass.
 
     Args:
         hidden: ``[..., T, D]`` (or ``[N, D]``); weight ``[V, D]``; targets integer ``[..., T]``.
-        weights: per-token loss weights shaped like ``targets`` (detached), e.g. importance weights.
+        token_weights: per-target loss weights (detached), e.g. importance weights, shaped like the
+            per-token outputs (``targets[..., 1:]`` with ``shift``). ``weights``: its deprecated
+            alias, shaped like ``targets``.
         normalize: ``"tokens"`` (mean over non-ignored tokens), ``"sequences"`` (mean over sequences
             of each sequence's token mean; the last dimension of ``targets`` is the sequence), or a
             number (the sum divided by that constant).
@@ -45,22 +41,22 @@ def sft_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, weights: Tensor
 
     Returns a float32 scalar (0 with zero gradients when every token is ignored).
     """
-    mask = inputs.target_mask(targets, ignore_index, shift)
+    token_weights = checks.renamed_weights(weights, token_weights, targets, shift, stacklevel=2)
+    mask = token_rows.target_mask(targets, ignore_index, shift)
     if isinstance(normalize, str):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be 'tokens', 'sequences' or a number > 0, got {normalize!r}")
         coef = aggregation_weights(mask, NORMALIZATIONS[normalize], num_items=num_items)
     else:
-        if not inputs.is_finite_number(normalize) or normalize <= 0:
+        if not checks.is_finite_number(normalize) or normalize <= 0:
             raise ValueError(f"normalize must be 'tokens', 'sequences' or a number > 0, got {normalize!r}")
         if num_items is not None:
             raise ValueError("num_items applies to normalize='tokens' or 'sequences', not to a constant")
         coef = aggregation_weights(mask, "constant", norm_length=normalize)
-    if weights is not None:
-        inputs.check_weights(weights, targets)
-        shifted = weights[..., 1:] if shift else weights
-        coef = coef * shifted.detach().to(coef.device, coef.dtype)
-    return linear_cross_entropy(hidden, weight, targets, weights=unshift(coef, shift), temperature=temperature,
+    if token_weights is not None:
+        checks.check_token_weights(token_weights, token_rows.target_shape(targets, shift), shift, targets.device)
+        coef = coef * token_weights.detach().to(coef.device, coef.dtype)
+    return linear_cross_entropy(hidden, weight, targets, token_weights=coef, temperature=temperature,
                                 ignore_index=ignore_index, reduction="sum", bias=bias, softcap=softcap, shift=shift,
                                 backend=backend, **kernel_options)
 
@@ -73,7 +69,7 @@ def sampling_temperature(epoch: float, *, start: float = 0.6, end: float = 1.0, 
     ``end=start`` gives a constant (v1: 0.6 throughout).
     """
     for name, value in (("epoch", epoch), ("start", start), ("end", end), ("anneal_epochs", anneal_epochs)):
-        if not inputs.is_finite_number(value):
+        if not checks.is_finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch!r}")

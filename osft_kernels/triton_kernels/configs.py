@@ -2,9 +2,9 @@
 
 There is no autotuning: one config per architecture, so a row's statistics are computed by the same
 tiles in the same order in every process and for every batch (bitwise reproducible and
-batch-invariant). Each config was checked ahead of time by
-``python -m osft_kernels.triton_kernels.compile_check``: it compiles for its architecture with
-tensor-core instructions, fits in shared memory, and does not spill. Under ``TRITON_INTERPRET=1`` a
+batch-invariant). Each config was checked ahead of time by ``python tools/triton_compile_check.py``,
+which compiles the launches the backend runs (:mod:`.launches`) for each architecture: tensor-core
+instructions, within shared memory, no spills. Under ``TRITON_INTERPRET=1`` a
 small-tile config is used (the interpreter's cost is per operation, and small tiles exercise the
 multi-tile paths on small test shapes).
 """
