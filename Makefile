@@ -63,4 +63,4 @@ cuda-build: $(CUDA_BIN)/.installed
 	$(CUDA_BIN)/python -c "import torch; from osft_kernels.backends import cuda_chunked as c; \
 		assert c.available(), c.extension(); \
 		print('osft_kernels_cuda ops loaded; torch', torch.__version__, '; GPU:', torch.cuda.is_available())"
-	$(CUDA_BIN)/python -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_compile.py
+	$(CUDA_BIN)/python -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_backend.py tests/kernels/test_cuda_compile.py

@@ -27,7 +27,7 @@ Batch invariance: every logits GEMM has a row count that is a multiple of ``ROW_
 CUDA; the last token chunk is zero-padded) and every row reduction runs over fixed
 ``VOCAB_BLOCK``-column blocks merged in block order (:func:`merge_blocks`), whatever the chunk
 sizes. Whether a row's GEMM output is then independent of the other rows is the BLAS's property:
-measured for the CPU BLAS in ``tests/test_invariance.py``, and on an H200 by ``benchmarks/gpu_checks.py``;
+measured for the CPU BLAS in ``tests/kernels/test_invariance.py``, and on an H200 by ``benchmarks/gpu_checks.py``;
 cuBLAS does not promise it.
 """
 import functools

@@ -14,11 +14,11 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from tiny_lm import build_tiny_model
+    from helpers.tiny_lm import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory):
-    from tiny_lm import arithmetic_rows, write_rows
+    from helpers.tiny_lm import arithmetic_rows, write_rows
     return write_rows(tmp_path_factory.mktemp("data") / "train.jsonl", arithmetic_rows())

@@ -5,20 +5,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.paths import ROOT
 
 from benchmarks import implementations, report
 from benchmarks import test_kernels as harness
 from osft_kernels.backends import cpu
 from osft_kernels.device_info import describe
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
+@pytest.mark.slow
 def test_harness_and_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(BENCH_SMOKE="1", BENCH_ROUNDS="1")

@@ -28,7 +28,7 @@ from ..backends import BACKENDS
 from .head import OutputHead, output_head
 
 # config.model_type -> the causal-LM class whose forward is patched; each entry is checked against the
-# unpatched model by tests/test_transformers_patch.py. Other *ForCausalLM classes get the same forward
+# unpatched model by tests/integrations/test_transformers_patch.py. Other *ForCausalLM classes get the same forward
 # with a warning (the generic fallback).
 CAUSAL_LM_CLASSES = {
     "llama": "LlamaForCausalLM",

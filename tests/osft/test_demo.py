@@ -70,6 +70,7 @@ def _smollm2_installed() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _smollm2_installed(), reason="the packaged model is not installed: "
                     + packaged.PACKAGED_MODELS["smollm2-135m"].install + " (make test installs it)")
 def test_demo_command_on_the_packaged_model(tmp_path):
@@ -90,6 +91,7 @@ def test_demo_command_on_the_packaged_model(tmp_path):
     assert "quantization_config" not in config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value,message", [
     ("--train-prompts", "0", "--train-prompts must be >= 1"), ("--num-generations", "1", "--num-generations must be >= 2"),
     ("--tau-s", "1.5", r"--tau-s must be in \(0, 1\]"), ("--lr", "0", "--lr must be a finite number > 0"),

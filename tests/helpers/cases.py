@@ -9,10 +9,11 @@ gradients are rounded once from float32 accumulators, so they must be within 2**
 half-precision GEMM operands the logit gradient is rounded too (``HALF_OPERAND_GRAD_TOLERANCE``).
 """
 import torch
-from reference64 import reference
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends import cpu, resolve_backend
+
+from .reference64 import reference
 
 BF16_GRAD_TOLERANCE = {"rtol": 2 ** -8, "atol_rel": 1e-4}
 # half-precision GEMM operands (CUDA; the cpu backend's bfloat16 products): the logit gradient is
@@ -165,7 +166,8 @@ def check_logprobs_and_entropy(case, bf16_tolerance=BF16_GRAD_TOLERANCE, **api_k
 
 def check_cross_entropy(case, reduction, bf16_tolerance=BF16_GRAD_TOLERANCE, **api_kwargs):
     """``linear_cross_entropy(..., reduction=reduction, **api_kwargs)`` and its gradients match the reference."""
-    loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"], token_weights=case.get("token_weights"),
+    loss = linear_cross_entropy(case["hidden"], case["weight"], case["targets"],
+                                token_weights=case.get("token_weights"),
                                 reduction=reduction, **case["kwargs"], **case["ce_kwargs"], **api_kwargs)
     ref, ref_params = reference_outputs(case)
     ref = ref[reduction]

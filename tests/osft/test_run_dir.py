@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, write_rows
+from helpers.tiny_lm import arithmetic_rows, write_rows
 
 from osft.cli import main as cli_main
 from osft.config import ConfigError, load_config

@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from gloo_ranks import run_ranks
+from helpers.gloo_ranks import run_ranks
+from helpers.loss_cases import F64, logprob_pair, ragged_mask
 
 from osft_kernels.losses import (
     aggregate,
@@ -19,18 +20,6 @@ from osft_kernels.losses import (
     sft_loss,
     truncated_importance_weights,
 )
-
-F64 = torch.float64
-
-
-def ragged_mask():
-    """Four rows: full, one with prompt and padding, one with a hole, one empty."""
-    mask = torch.zeros(4, 9, dtype=torch.bool)
-    mask[0] = True
-    mask[1, 3:7] = True
-    mask[2, [0, 1, 4, 5, 6]] = True
-    return mask
-
 
 # ---------------------------------------------------------------------------------------------
 # aggregation
@@ -126,10 +115,7 @@ def test_truncated_importance_weights_refuse_non_finite_logprobs_at_completion_t
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_truncated_importance_weights_nan_rollout_ratio_one_is_trl(level):
     """TRL: a NaN sampling logprob gives a log-ratio of 0 (ratio 1), also inside a sequence's sum."""
-    gen = torch.Generator().manual_seed(3)
-    mask = ragged_mask()
-    trainer = torch.randn(4, 9, dtype=F64, generator=gen) * 0.3
-    rollout = torch.randn(4, 9, dtype=F64, generator=gen) * 0.3
+    mask, trainer, rollout = logprob_pair(3)
     rollout[0, 2] = rollout[2, 5] = float("nan")
     ours = truncated_importance_weights(trainer, rollout, mask, cap=1.5, level=level, nan_rollout="ratio_one")
     expected = torch.zeros(4, 9, dtype=F64)

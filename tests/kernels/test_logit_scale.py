@@ -2,7 +2,7 @@
 order), against float64 logits computed as ``softcap * tanh(scale * s / softcap) / temperature``."""
 import pytest
 import torch
-from cases import assert_close, assert_grads_close
+from helpers.cases import assert_close, assert_grads_close
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 

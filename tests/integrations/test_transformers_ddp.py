@@ -4,12 +4,14 @@ gradient of the whole batch, ``lm_head`` included (calling the decoder and the l
 the wrapper and leaves the output layer's gradients unsynchronized)."""
 import pytest
 import torch
-from gloo_ranks import run_ranks
+from helpers.gloo_ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
 from osft_kernels.integrations.transformers import patch
 from osft_kernels.losses import ddp_num_items
+
+pytestmark = pytest.mark.slow  # two gloo processes per test
 
 VOCAB = 500
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from cases import (
+from helpers.cases import (
     FEATURES,
     bf16_grad_tolerance,
     check_cross_entropy,
@@ -108,11 +108,13 @@ for dtype in (torch.float32, torch.bfloat16):
 DIGEST = "print(cpu.extension()[0], digest.hexdigest())"
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_thread_count_or_run():
     one, two, again = (run_in_subprocess(SCRIPT.format(threads=n, finish=DIGEST)) for n in (1, 2, 2))
     assert one == two == again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_narrower_vector_variants_load_and_agree(capability, tmp_path):
     """``ATEN_CPU_CAPABILITY`` lowers ATen's vector width; the extension variant follows it, and its

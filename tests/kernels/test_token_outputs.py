@@ -2,7 +2,7 @@
 likely token, ``log sum_j p_j^2``) from the same pass as the logprobs, against float64 on every backend."""
 import pytest
 import torch
-from cases import assert_close
+from helpers.cases import assert_close
 
 from osft_kernels import TokenOutputs, linear_logprobs, linear_token_outputs
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from cases import assert_close, assert_grads_close, bf16_grad_tolerance
-from reference64 import reference
+from helpers.cases import assert_close, assert_grads_close, bf16_grad_tolerance
+from helpers.reference64 import reference
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 

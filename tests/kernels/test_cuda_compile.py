@@ -6,18 +6,19 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.paths import ROOT
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "cuda_compile_check.py"
+TOOL = ROOT / "tools" / "cuda_compile_check.py"
 ARCHITECTURES = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 KERNELS = {"block_stats_kernel<true>", "block_stats_kernel<false>",
            *(f"logit_grad_kernel<{grad}, {vec}>" for grad in ("float", "__half", "__nv_bfloat16")
              for vec in ("true", "false"))}
 MAX_REGISTERS = 64  # 65536 registers per SM / (4 CTAs x 256 threads)
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA compiler) is not on PATH")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA compiler) is not on PATH")]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """The fused ops inside real ``transformers`` causal LMs (built from configs, no downloads): the loss
 and every parameter gradient match the model's own logits-based loss."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import ROOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +72,7 @@ def test_logprobs_match_model_logits_with_temperature(name):
 
 def test_readme_training_step_runs():
     """The README's example is executed as written."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.paths import ROOT
 
 pytest.importorskip("triton")
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "triton_compile_check.py"
+pytestmark = pytest.mark.slow
+TOOL = ROOT / "tools" / "triton_compile_check.py"
 ARCHITECTURES = (80, 89, 90, 100, 120)
 
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from cases import FEATURES, assert_close, assert_grads_close, bf16_grad_tolerance, make_case, out_shape
-from reference64 import reference
+from helpers.cases import FEATURES, assert_close, assert_grads_close, bf16_grad_tolerance, make_case, out_shape
+from helpers.reference64 import reference
 
 from osft_kernels import linear_token_loss
 from osft_kernels.driver import ROW_ALIGN, VOCAB_BLOCK

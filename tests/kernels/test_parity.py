@@ -2,7 +2,7 @@
 over odd shapes, dtypes and feature combinations (tolerances in ``cases.py``)."""
 import pytest
 import torch
-from cases import FEATURES, bf16_grad_tolerance, check_cross_entropy, check_logprobs_and_entropy, make_case
+from helpers.cases import FEATURES, bf16_grad_tolerance, check_cross_entropy, check_logprobs_and_entropy, make_case
 
 from osft_kernels import linear_cross_entropy, linear_logprobs
 from osft_kernels.backends import cpu
@@ -52,7 +52,8 @@ def test_cross_entropy_without_grad_matches(backend):
     """The forward-only path (no gradient wanted) gives the same losses as the training path."""
     case = make_case((4, 33), 24, 3001, torch.float32, FEATURES["everything"])
     args = (case["hidden"], case["weight"], case["targets"])
-    kwargs = dict(token_weights=case["token_weights"], **case["kwargs"], **case["ce_kwargs"], **backend_kwargs(backend, 3001))
+    kwargs = dict(token_weights=case["token_weights"], **case["kwargs"], **case["ce_kwargs"],
+                  **backend_kwargs(backend, 3001))
     for reduction in ("sum", "mean"):
         with torch.no_grad():
             inference = linear_cross_entropy(*args, reduction=reduction, **kwargs)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from cases import (
+from helpers.cases import (
     BF16_GRAD_TOLERANCE,
     FEATURES,
     HALF_OPERAND_GRAD_TOLERANCE,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from tiny_lm import arithmetic_rows, write_rows
+from helpers.tiny_lm import arithmetic_rows, write_rows
 from transformers import AutoTokenizer
 
 from osft.config import ConfigError, DataConfig, ModelConfig, load_config
@@ -156,6 +156,7 @@ def test_cli_reports_a_missing_model_dir_as_a_bad_config(tmp_path):
     assert "Traceback" not in result.stderr and "huggingface.co" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_cli_reports_bad_data_and_a_missing_model_dir_without_a_traceback(tmp_path, model_dir, command):
     """Every command turns data and config errors into ``osft: bad ...`` and exit code 2."""
