@@ -46,6 +46,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     gradient_checkpointing: bool = False
     backend: Literal["auto", "torch", "triton", "reference"] = "auto"  # the fused loss's backend
+    # auto: flash_attention_2 on a CUDA device where flash_attn is installed (pip install '.[gpu]'), else sdpa
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
 @dataclass

@@ -142,7 +142,8 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     lm = load_causal_lm(base_config.model, device)
     generation = generation_autocast(lm.model, settings.autocast) or lm.model.dtype
     results["generation_dtype"] = str(generation).removeprefix("torch.")
-    print(f"generation in {results['generation_dtype']}, training in {str(lm.model.dtype).removeprefix('torch.')}")
+    print(f"generation in {results['generation_dtype']}, training in {str(lm.model.dtype).removeprefix('torch.')}, "
+          f"attention {lm.attention}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
         print("base model: evaluating")

@@ -1,5 +1,6 @@
 """A local transformers causal LM, seen as a decoder producing hidden states plus an output head
 that the fused losses consume (so training never materializes full-vocabulary logits)."""
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class CausalLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     backend: str = "auto"  # the fused losses' backend (model.backend)
+    attention: str = "sdpa"  # the attention kernels it was loaded with (model.attn_implementation)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head."""
@@ -63,6 +65,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def attention_implementation(setting: str, device: torch.device) -> str:
+    """The attention kernels that ``model.attn_implementation`` (``setting``) gives a model on ``device``:
+    ``auto`` is flash-attn 2 on a CUDA device where ``flash_attn`` is installed, else PyTorch's ``sdpa``;
+    a forced ``flash_attention_2`` needs both."""
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if setting == "auto":
+        return "flash_attention_2" if flash else "sdpa"
+    if setting == "flash_attention_2" and not flash:
+        where = "the flash_attn package (pip install '.[gpu]')" if device.type == "cuda" else "a CUDA device"
+        raise ConfigError(f"model.attn_implementation: flash_attention_2 needs {where}; use auto, sdpa or eager")
+    return setting
+
+
 def _unreadable_safetensors(directory: str) -> list[str]:
     """The ``*.safetensors`` files in ``directory`` whose header does not read (e.g. truncated ones)."""
     unreadable = []
@@ -79,6 +94,7 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     """Load ``config.path``: a local directory, or a packaged model's name (:mod:`osft.packaged`);
     nothing is downloaded. A path that is not a model directory with its tokenizer and readable
     weights raises :class:`ConfigError` naming it."""
+    attention = attention_implementation(config.attn_implementation, device)
     path = resolve_model_path(config.path)
     if not Path(path).is_dir():
         raise ConfigError(f"model.path {config.path!r} is neither a directory nor a packaged model name "
@@ -93,7 +109,7 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
                           f"model directory with tokenizer.save_pretrained") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(config.dtype, device),
-                                                     local_files_only=True)
+                                                     attn_implementation=attention, local_files_only=True)
     except (OSError, SafetensorError) as error:
         unreadable = ", ".join(_unreadable_safetensors(path)) or path
         raise ConfigError(f"model.path {path!r}: cannot read the weights in {unreadable} (truncated or corrupt?): "
@@ -104,4 +120,4 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     output_head(model)  # refuse unsupported heads before any work
-    return CausalLM(model, tokenizer, backend=config.backend)
+    return CausalLM(model, tokenizer, backend=config.backend, attention=attention)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from osft_kernels import backend_name
+
 from .config import Config, ConfigError, ModelConfig, dump_config
 from .data import Sequences, load_rows, micro_batches, tokenize_prompts, tokenize_responses
 from .evaluate import append_eval, evaluate, load_eval_rows
@@ -303,6 +305,10 @@ def start_run(config: Config, run_dir: Path) -> Run:
 
 def _run(config: Config, run_dir: Path, progress: bool) -> None:
     run = start_run(config, run_dir)
+    if progress:
+        lm = run.lm
+        print(f"{config.recipe}: {config.model.path} on {lm.device}, attention {lm.attention}, "
+              f"fused loss backend {backend_name(lm.backend, lm.device)}")
     if run.finished():
         return
     log = MetricLog(run_dir / METRICS_FILE, run_dir / "tensorboard" if config.tensorboard else None)

@@ -27,6 +27,7 @@ from osft.config import ConfigError, load_config
     ("eval.temperature=0", "eval.temperature must be > 0"),
     ("grpo.is_cap=-2", "grpo.is_cap must be > 0"),
     ("model.gradient_checkpointing=yes please", "model.gradient_checkpointing must be true or false"),
+    ("model.attn_implementation=flash", r"model.attn_implementation must be one of \['auto', 'sdpa', 'eager'"),
     ("osft.tau_s_start=1.5", "OSFT needs tau_s <= tau_t"),
     ("optim=3", "optim must be a mapping"),
 ])

@@ -68,3 +68,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, model_dir, da
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == len(list(lm.model.parameters()))
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_attention_implementation_follows_the_device_and_flash_attn(monkeypatch):
+    """``auto`` is flash-attn 2 only on a CUDA device with flash_attn installed, else sdpa; forcing
+    flash-attn where it cannot run is a config error naming the key."""
+    import importlib.util
+
+    from osft.config import ConfigError
+    from osft.model import attention_implementation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    find_spec = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: (object() if installed else None) if name == "flash_attn"
+                            else find_spec(name, *args))
+        assert attention_implementation("auto", cpu) == "sdpa"
+        assert attention_implementation("auto", cuda) == ("flash_attention_2" if installed else "sdpa")
+        assert attention_implementation("eager", cuda) == "eager"
+        with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs a CUDA device"):
+            attention_implementation("flash_attention_2", cpu)
+    with pytest.raises(ConfigError, match=r"needs the flash_attn package \(pip install '.\[gpu\]'\)"):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+        attention_implementation("flash_attention_2", cuda)
+
+
+@pytest.mark.parametrize("setting,expected", [("auto", "sdpa"), ("eager", "eager"), ("sdpa", "sdpa")])
+def test_the_model_loads_with_the_chosen_attention(tmp_path, model_dir, data_file, setting, expected, capsys):
+    from osft.train import train
+
+    overrides = [*base_overrides(model_dir, data_file, tmp_path, "sft"), "max_steps=1",
+                 f"model.attn_implementation={setting}"]
+    config = load_config(None, overrides)
+    lm = load_causal_lm(config.model, torch.device("cpu"))
+    assert lm.attention == lm.model.config._attn_implementation == expected
+    train(config, progress=True)
+    assert f"attention {expected}, fused loss backend" in capsys.readouterr().out
