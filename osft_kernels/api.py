@@ -186,7 +186,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                                      float(label_smoothing), float(z_loss), ignore_index, reduction, shift,
                                      backend=backend, options=options)
     rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
-                               token_weights)
+                                   token_weights)
     impl = resolve_backend(backend, hidden.device)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
 

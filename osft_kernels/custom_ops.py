@@ -25,8 +25,7 @@ def _rows(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, 
     the output layer, all detached (autograd is the ops' registered backward)."""
     hidden, weight, bias, temperature = (None if t is None else t.detach() for t in (hidden, weight, bias, temperature))
     temperature = temperature_value if temperature is None else temperature
-    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature,
-                               softcap, ignore_index, shift)
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
     return rows, weight, bias
 
 

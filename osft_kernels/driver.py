@@ -27,8 +27,8 @@ Batch invariance: every logits GEMM has a row count that is a multiple of ``ROW_
 CUDA; the last token chunk is zero-padded) and every row reduction runs over fixed
 ``VOCAB_BLOCK``-column blocks merged in block order (:func:`merge_blocks`), whatever the chunk
 sizes. Whether a row's GEMM output is then independent of the other rows is the BLAS's property:
-measured for the CPU BLAS in ``tests/kernels/test_invariance.py``, and on an H200 by ``benchmarks/gpu_checks.py``;
-cuBLAS does not promise it.
+measured for the CPU BLAS in ``tests/kernels/test_invariance.py``, and on an H200 by
+``benchmarks/gpu_checks.py``; cuBLAS does not promise it.
 """
 import functools
 import math
@@ -573,14 +573,16 @@ class RowStatsFunction(torch.autograd.Function):
 
 def row_stats_grads(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
                     softcap: float | None, stats: Tensor, grad_stats: Tensor, *, entropy: bool, mean: bool,
-                    memory_budget: int | None,
-                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                    memory_budget: int | None, needs: tuple[bool, bool, bool]
+                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``(rows.hidden [N, D], weight, bias)`` (those ``needs`` asks for, in their dtypes) from
     the upstream gradient ``grad_stats [n, NUM_STATS]`` on the statistics ``stats [n, NUM_STATS]``,
     recomputing the logits. ``hidden``'s gradient is placed after the kernels' buffers are freed."""
     d_rows, d_weight, d_bias = _recomputed_grads(make_kernels(), rows, weight, bias, softcap, stats, grad_stats,
                                                  entropy=entropy, mean=mean, memory_budget=memory_budget, needs=needs)
-    return None if d_rows is None else rows.hidden_grad(d_rows), d_weight, d_bias
+    hidden = rows.hidden
+    d_hidden = None if d_rows is None else hidden_grad(d_rows, rows.hidden_index, hidden.shape, hidden.dtype)
+    return d_hidden, d_weight, d_bias
 
 
 def _recomputed_grads(kernels: ChunkKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
@@ -680,8 +682,8 @@ def summed_loss(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias
 class ChunkedBackend:
     """A chunked backend's entry points (``row_stats``, ``summed_loss``, ``row_stats_grads``, see
     :mod:`osft_kernels.backends`): the functions above with fresh kernels from ``make_kernels()`` per
-    pass (their work buffers live for one forward or backward), after ``check(hidden)`` refuses inputs the backend
-    cannot run."""
+    pass (their work buffers live for one forward or backward), after ``check(hidden)`` refuses inputs
+    the backend cannot run."""
 
     def __init__(self, make_kernels: MakeKernels,
                  check: Callable[[Tensor], None] = lambda hidden: None):

@@ -76,10 +76,6 @@ class TokenRows:
             return self.hidden[r0:r1]
         return self.hidden.index_select(0, self.hidden_index[r0:r1])
 
-    def hidden_grad(self, d_rows: Tensor) -> Tensor:
-        """:func:`hidden_grad` of ``d_rows [n, D]`` for this batch's ``hidden``."""
-        return hidden_grad(d_rows, self.hidden_index, self.hidden.shape, self.hidden.dtype)
-
     def scatter(self, values: Tensor) -> Tensor:
         """Per-row ``[n, ...]`` values to ``[*out_shape, ...]``, 0 at ignored positions (differentiable)."""
         shape = (*self.out_shape, *values.shape[1:])

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from helpers.runs import base_overrides
 from helpers.tiny_lm import arithmetic_rows, write_rows
 
 from osft.cli import main as cli_main
@@ -22,8 +23,7 @@ from osft.train import train
 
 
 def overrides(model_dir, data_file, run_dir, *extra, recipe="sft"):
-    return [f"recipe={recipe}", f"model.path={model_dir}", f"data.train={data_file}", f"run_dir={run_dir}",
-            "prompts_per_step=4", "rollout.max_new_tokens=8", "optim.lr=1e-3", "optim.micro_batch_tokens=64", *extra]
+    return [*base_overrides(model_dir, data_file, run_dir, recipe), *extra]
 
 
 def run(model_dir, data_file, run_dir, *extra, recipe="sft"):
