@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import checks, token_rows
+from . import checks, token_rows, vocab_parallel
 from .backend import BackendOptions
 from .backends import resolve_backend
 from .row_stats import (
@@ -65,11 +65,36 @@ def _fold_logit_scale(logit_scale, temperature, softcap) -> tuple:
     return temperature, softcap
 
 
+def _tracing(process_group) -> bool:
+    """Whether ``torch.compile`` is tracing the call (which the vocabulary-parallel ops refuse)."""
+    if not torch.compiler.is_compiling():
+        return False
+    if process_group is not None:
+        raise NotImplementedError("process_group (vocabulary-parallel ops) is not supported under torch.compile; "
+                                  "call the op outside the compiled region (torch.compiler.disable)")
+    return True
+
+
+def _rows_and_backend(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, backend,
+                      process_group, reduce_hidden_grad, token_weights=None):
+    """The checked :class:`~osft_kernels.token_rows.TokenRows` of a call and the backend that computes them:
+    with a ``process_group``, this rank's shard of a vocabulary-parallel call (:mod:`osft_kernels.vocab_parallel`)."""
+    vocab_parallel.check_process_group(process_group)
+    checks.check_flag("reduce_hidden_grad", reduce_hidden_grad)
+    shard = None if process_group is None else vocab_parallel.VocabShard.of(process_group, hidden, weight)
+    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
+                                   token_weights, vocab_size=None if shard is None else shard.vocab_size)
+    impl = resolve_backend(backend, hidden.device)
+    if shard is None:
+        return rows, impl
+    return shard.local_rows(rows, reduce_hidden_grad=reduce_hidden_grad), shard.backend(impl)
+
+
 @_outside_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                     temperature: float | Tensor = 1.0, softcap: float | None = None, logit_scale: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False, shift: bool = False, backend: str = "auto",
-                    memory_budget: int | None = None) -> LogProbs:
+                    memory_budget: int | None = None, process_group=None, reduce_hidden_grad: bool = True) -> LogProbs:
     """Log-probabilities of ``targets`` (and the softmax entropy) under ``softmax(z)``.
 
     Args:
@@ -91,6 +116,13 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
             same chunked driver with PyTorch epilogues) or ``"reference"`` (materializes logits).
         memory_budget: bytes of logits chunk buffers of the chunked backends (default 128 MiB on
             CPU, 1 GiB on CUDA); larger chunks mean fewer, larger GEMMs.
+        process_group: vocabulary parallelism over a ``torch.distributed`` group: each rank passes
+            its own contiguous shard of the vocabulary as ``weight`` (and ``bias``), shards in rank
+            order, and the same ``hidden`` and (global) ``targets``. Every rank gets the results of
+            the whole vocabulary; only per-token statistics cross ranks. ``weight``'s gradient is the
+            rank's slice of the whole one; ``hidden``'s is summed over the ranks in backward unless
+            ``reduce_hidden_grad=False`` (for frameworks that reduce it themselves). Not under
+            ``torch.compile``.
 
     Backward accepts any upstream gradient on ``logprobs`` and ``entropy`` and returns gradients
     for ``hidden``, ``weight`` and ``bias`` in their dtype (recomputing the logits: 8NDV FLOPs in
@@ -99,7 +131,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
     checks.check_flag("return_entropy", return_entropy)
     out = linear_token_outputs(hidden, weight, targets, outputs=("logprobs", "entropy") if return_entropy else (),
                                bias=bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                               ignore_index=ignore_index, shift=shift, backend=backend, memory_budget=memory_budget)
+                               ignore_index=ignore_index, shift=shift, backend=backend, memory_budget=memory_budget,
+                               process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     return LogProbs(out.logprobs, out.entropy)
 
 
@@ -123,7 +156,8 @@ class TokenOutputs(NamedTuple):
 def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, outputs=("logprobs",),
                          bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
                          logit_scale: float = 1.0, ignore_index: int = -100, shift: bool = False, backend: str = "auto",
-                         memory_budget: int | None = None) -> TokenOutputs:
+                         memory_budget: int | None = None, process_group=None,
+                         reduce_hidden_grad: bool = True) -> TokenOutputs:
     """Per-token logprobs and, as ``outputs`` names them, entropy and the metrics of :class:`TokenOutputs`
     (``"logprobs"``, ``"entropy"``, ``"mean_logit"``, ``"is_top1"``, ``"log_sum_sq_probs"``), all from one
     pass over the logits. Arguments and gradients as in :func:`linear_logprobs`."""
@@ -131,13 +165,14 @@ def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, out
     options = checks.backend_options(memory_budget)
     temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
     flags = dict(entropy="entropy" in wanted, mean="mean_logit" in wanted, square="log_sum_sq_probs" in wanted)
-    if torch.compiler.is_compiling():
+    if _tracing(process_group):
         stats = _traced_stats(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, **flags,
                               backend=backend, options=options)
         valid = token_rows.target_mask(targets, ignore_index, shift)
         return _token_outputs(RowStats.of(stats), wanted, lambda x: torch.where(valid, x, x.new_zeros(())))
-    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
-    stats = resolve_backend(backend, hidden.device).row_stats(rows, weight, bias, softcap, **flags, options=options)
+    rows, impl = _rows_and_backend(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, backend,
+                                   process_group, reduce_hidden_grad)
+    stats = impl.row_stats(rows, weight, bias, softcap, **flags, options=options)
     return _token_outputs(RowStats.of(stats), wanted, rows.scatter)
 
 
@@ -157,8 +192,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                          token_weights: Tensor | None = None, temperature: float | Tensor = 1.0,
                          softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, ignore_index: int = -100, reduction: str = "mean", shift: bool = False,
-                         backend: str = "auto", memory_budget: int | None = None,
-                         weights: Tensor | None = None) -> Tensor:
+                         backend: str = "auto", memory_budget: int | None = None, process_group=None,
+                         reduce_hidden_grad: bool = True, weights: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``targets`` under ``softmax(z)``, per token::
 
         (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - mean_j z_j) + z_loss * lse**2
@@ -181,13 +216,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     if reduction not in checks.REDUCTIONS:
         raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
     token_weights = checks.renamed_weights(weights, token_weights, targets, shift, stacklevel=3)  # above the wrapper
-    if torch.compiler.is_compiling():
+    if _tracing(process_group):
         return _traced_cross_entropy(hidden, weight, targets, bias, token_weights, temperature, softcap,
                                      float(label_smoothing), float(z_loss), ignore_index, reduction, shift,
                                      backend=backend, options=options)
-    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
-                                   token_weights)
-    impl = resolve_backend(backend, hidden.device)
+    rows, impl = _rows_and_backend(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, backend,
+                                   process_group, reduce_hidden_grad, token_weights)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
 
     if reduction != "none":
@@ -215,7 +249,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
 def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_loss, *, return_entropy: bool = False,
                       bias: Tensor | None = None, temperature: float | Tensor = 1.0, softcap: float | None = None,
                       logit_scale: float = 1.0, ignore_index: int = -100, shift: bool = False, backend: str = "auto",
-                      memory_budget: int | None = None) -> tuple[Tensor, LogProbs]:
+                      memory_budget: int | None = None, process_group=None,
+                      reduce_hidden_grad: bool = True) -> tuple[Tensor, LogProbs]:
     """``sum_t token_loss(logprobs_t, entropy_t)`` over the non-ignored (shifted) target tokens, with the
     gradients formed during the forward pass on the chunked backends: 6NDV FLOPs where
     :func:`linear_logprobs` followed by the same loss in PyTorch takes 8NDV.
@@ -234,8 +269,8 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
     checks.check_flag("return_entropy", return_entropy)
     options = checks.backend_options(memory_budget)
     temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
-    rows = token_rows.prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift)
-    impl = resolve_backend(backend, hidden.device)
+    rows, impl = _rows_and_backend(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, backend,
+                                   process_group, reduce_hidden_grad)
     positions = (rows.out_index if rows.out_index is not None
                  else torch.arange(rows.targets.shape[0], device=rows.targets.device))
 

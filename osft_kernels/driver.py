@@ -367,33 +367,38 @@ def merge_blocks(partials: Tensor, target_logit: Tensor, vocab_size: int, *, ent
 
 
 def chunk_plan(kernels: "ChunkKernels", weight: Tensor, num_rows: int, *, entropy: bool, memory_budget: int | None,
-               full_rows: bool) -> ChunkPlan:
+               full_rows: bool, plan_vocab: int | None = None) -> ChunkPlan:
     """The chunk shape of ``kernels`` (their :meth:`ChunkKernels.gemms` already called for ``weight``):
-    spanning the vocabulary when ``full_rows`` asks for it and enough such rows fit, else near square."""
+    spanning the vocabulary when ``full_rows`` asks for it and enough such rows fit, else near square.
+
+    ``plan_vocab``: the vocabulary size planned for (default ``weight``'s rows; at least that many): the
+    ranks of a vocabulary-parallel call plan for their largest shard, so that all run the same token chunks."""
     budget = default_memory_budget(weight.device) if memory_budget is None else memory_budget
     shape = dict(entry_bytes=kernels.work_bytes(entropy=entropy), memory_budget=budget,
                  align=kernels.row_align(weight.device))
-    plan = plan_chunks(num_rows, weight.shape[0], full_rows=full_rows, **shape)
-    return plan if plan is not None else plan_chunks(num_rows, weight.shape[0], full_rows=False, **shape)
+    vocab_size = weight.shape[0] if plan_vocab is None else plan_vocab
+    plan = plan_chunks(num_rows, vocab_size, full_rows=full_rows, **shape)
+    return plan if plan is not None else plan_chunks(num_rows, vocab_size, full_rows=False, **shape)
 
 
 class _Driver:
     """One call's layer, GEMM policy, chunk kernels, chunk plan and chunk buffer."""
 
     def __init__(self, kernels: ChunkKernels, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                 num_rows: int, *, entropy: bool, memory_budget: int | None, full_rows: bool):
+                 num_rows: int, *, entropy: bool, memory_budget: int | None, full_rows: bool,
+                 plan_vocab: int | None = None):
         self.kernels = kernels
         self.gemms = kernels.gemms(weight)
         self.layer = OutputLayer(weight, bias, softcap, self.gemms)
         self.dtype = compute_dtype(weight.dtype)
         self.align = kernels.row_align(weight.device)
         self.plan = chunk_plan(kernels, weight, num_rows, entropy=entropy, memory_budget=memory_budget,
-                               full_rows=full_rows)
+                               full_rows=full_rows, plan_vocab=plan_vocab)
         self._buffer = torch.empty(self.plan.entries, dtype=self.dtype, device=weight.device)
 
     @property
     def full_rows(self) -> bool:
-        return self.plan.vocab == self.layer.vocab_size
+        return self.plan.vocab >= self.layer.vocab_size
 
     def chunk(self, rows: TokenRows, r0: int, r1: int) -> Chunk:
         return Chunk.of(rows, r0, r1, self.gemms.operand_dtype, self.align)
@@ -581,7 +586,8 @@ def row_stats_grads(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, 
     d_rows, d_weight, d_bias = _recomputed_grads(make_kernels(), rows, weight, bias, softcap, stats, grad_stats,
                                                  entropy=entropy, mean=mean, memory_budget=memory_budget, needs=needs)
     hidden = rows.hidden
-    d_hidden = None if d_rows is None else hidden_grad(d_rows, rows.hidden_index, hidden.shape, hidden.dtype)
+    d_hidden = None if d_rows is None else hidden_grad(d_rows, rows.hidden_index, hidden.shape, hidden.dtype,
+                                                       rows.hidden_grad_group)
     return d_hidden, d_weight, d_bias
 
 
@@ -616,10 +622,10 @@ class SummedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, kernels: ChunkKernels, rows: TokenRows, softcap, token_loss: TokenLoss,
-                entropy: bool, mean: bool, memory_budget):
+                entropy: bool, mean: bool, memory_budget, plan_vocab):
         n = rows.num_rows
         driver = _Driver(kernels, weight, bias, softcap, n, entropy=entropy, memory_budget=memory_budget,
-                         full_rows=True)
+                         full_rows=True, plan_vocab=plan_vocab)
         grads = GradAccumulator(driver.layer, n, driver.dtype, ctx.needs_input_grad[:3])
         stats = hidden.new_empty(n, NUM_STATS, dtype=driver.dtype)
         loss = hidden.new_zeros((), dtype=driver.dtype)
@@ -637,6 +643,7 @@ class SummedLossFunction(torch.autograd.Function):
         ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in saved))
         ctx.has_grad = tuple(g is not None for g in saved)
         ctx.hidden_index, ctx.hidden_shape, ctx.hidden_dtype = rows.hidden_index, hidden.shape, hidden.dtype
+        ctx.hidden_grad_group = rows.hidden_grad_group
         ctx.dtypes = (weight.dtype, weight.dtype)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -644,13 +651,17 @@ class SummedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
         _check_backward_mode()
-        # an unscaled float32 gradient is handed over as is, and autograd can adopt it without a copy
+        # an unscaled float32 gradient is handed over as is, and autograd can adopt it without a copy (one
+        # that is summed over ranks is a fresh product: the saved one may be differentiated again)
         unit = bool(grad_loss == 1)
         d_rows, d_weight, d_bias = [(g if unit else g * grad_loss.to(g.dtype)) if has else None
                                     for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        group = ctx.hidden_grad_group
+        if d_rows is not None and unit and group is not None:
+            d_rows = d_rows.clone()
         d_hidden = None if d_rows is None else hidden_grad(d_rows, ctx.hidden_index, ctx.hidden_shape,
-                                                           ctx.hidden_dtype)
-        return (d_hidden, *_cast((d_weight, d_bias), ctx.dtypes), *[None] * 7)
+                                                           ctx.hidden_dtype, group)
+        return (d_hidden, *_cast((d_weight, d_bias), ctx.dtypes), *[None] * 8)
 
 
 def row_stats(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
@@ -664,19 +675,23 @@ def row_stats(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: 
 
 def summed_loss(make_kernels: MakeKernels, rows: TokenRows, weight: Tensor, bias: Tensor | None,
                 softcap: float | None, token_loss: TokenLoss, *, entropy: bool, mean: bool,
-                memory_budget: int | None) -> tuple[Tensor, Tensor]:
-    """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward."""
+                memory_budget: int | None, plan_vocab: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(sum_i token_loss_i, stats [n, NUM_STATS])``, the loss differentiable with gradients formed in forward.
+
+    ``plan_vocab`` (see :func:`chunk_plan`) also decides the strategy: ranks that plan for the same
+    vocabulary size call ``token_loss`` on the same row ranges."""
     _check_no_transforms()
     kernels = make_kernels()
     kernels.gemms(weight)
+    plan_vocab = weight.shape[0] if plan_vocab is None else plan_vocab
     plan = chunk_plan(kernels, weight, rows.num_rows, entropy=entropy, memory_budget=memory_budget,
-                      full_rows=True)
-    if plan.vocab < weight.shape[0]:  # too few full rows fit: statistics, then a recomputing backward
+                      full_rows=True, plan_vocab=plan_vocab)
+    if plan.vocab < plan_vocab:  # too few full rows fit: statistics, then a recomputing backward
         stats = row_stats(make_kernels, rows, weight, bias, softcap, entropy=entropy, mean=mean, square=False,
                           memory_budget=memory_budget)
         return token_loss(stats, 0, rows.num_rows).sum(), stats.detach()
     return SummedLossFunction.apply(rows.hidden, weight, bias, kernels, rows, softcap, token_loss, entropy, mean,
-                                    memory_budget)
+                                    memory_budget, plan_vocab)
 
 
 class ChunkedBackend:
@@ -702,7 +717,7 @@ class ChunkedBackend:
         """``(sum_i token_loss_i, stats [n, NUM_STATS])`` with the gradients formed in forward."""
         self.check(rows.hidden)
         return summed_loss(self.make_kernels, rows, weight, bias, softcap, token_loss, entropy=entropy, mean=mean,
-                           memory_budget=options.memory_budget)
+                           memory_budget=options.memory_budget, plan_vocab=options.plan_vocab)
 
     def backend(self, name: str) -> Backend:
         """These entry points under ``name``, as the ops call them."""

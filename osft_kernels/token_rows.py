@@ -6,6 +6,7 @@ on them, their outputs are 0 and they receive no gradient.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import checks
@@ -53,6 +54,8 @@ class TokenRows:
     ``targets [n]`` int64, ``temperature`` a float or a detached ``[n]`` tensor, ``token_weights`` a
     detached ``[n]`` tensor or None; all tensors but ``hidden`` are in the compute dtype.
     ``out_index [n]`` holds each row's position in the flattened output (None: rows are the output, in order).
+    ``hidden_grad_group``: the process group over which ``hidden``'s gradient is summed, in the compute
+    dtype before it is placed (a vocabulary-parallel call, :mod:`osft_kernels.vocab_parallel`), or None.
     """
 
     hidden: Tensor
@@ -62,6 +65,7 @@ class TokenRows:
     out_shape: torch.Size
     out_index: Tensor | None
     hidden_index: Tensor | None = None
+    hidden_grad_group: "dist.ProcessGroup | None" = None
 
     @property
     def num_rows(self) -> int:
@@ -90,10 +94,14 @@ class TokenRows:
         return flat if self.out_index is None else flat[self.out_index]
 
 
-def hidden_grad(d_rows: Tensor, hidden_index: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+def hidden_grad(d_rows: Tensor, hidden_index: Tensor | None, shape: torch.Size, dtype: torch.dtype,
+                group: "dist.ProcessGroup | None" = None) -> Tensor:
     """A gradient ``[n, D]`` of the computed rows (:class:`TokenRows`) as the gradient ``shape = [N, D]`` of
     ``hidden`` in ``dtype``, 0 at rows not computed (``d_rows`` itself when nothing changes). Converted
-    and placed ``HIDDEN_GRAD_SLICE`` rows at a time, so no second full-size temporary exists."""
+    and placed ``HIDDEN_GRAD_SLICE`` rows at a time, so no second full-size temporary exists. With a
+    ``group``, ``d_rows`` (the caller's to overwrite) is first summed over its ranks, in its dtype."""
+    if group is not None:
+        dist.all_reduce(d_rows, group=group)
     if hidden_index is None:
         return d_rows.to(dtype)
     d_hidden = d_rows.new_zeros(shape, dtype=dtype)
@@ -146,10 +154,13 @@ def token_rows(hidden: Tensor, targets: Tensor, *, temperature, token_weights, i
 
 
 def prepare_rows(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift,
-                 token_weights=None) -> "TokenRows":
-    """Check the arguments shared by the public ops and flatten the batch to :class:`TokenRows`."""
+                 token_weights=None, vocab_size: int | None = None) -> "TokenRows":
+    """Check the arguments shared by the public ops and flatten the batch to :class:`TokenRows`;
+    ``vocab_size``: the range of the targets (default ``weight``'s rows; the whole vocabulary when
+    ``weight`` is one rank's shard of it)."""
     checks.check_head(hidden, weight, bias)
-    targets = checks.check_targets(targets, hidden, weight.shape[0], ignore_index)
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    targets = checks.check_targets(targets, hidden, vocab_size, ignore_index)
     dtype = compute_dtype(hidden.dtype)
     checks.check_temperature(temperature, targets, dtype)
     checks.check_positive_number("softcap", softcap, allow_none=True)

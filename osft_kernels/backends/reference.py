@@ -8,13 +8,17 @@ from torch import Tensor
 from ..backend import Backend, BackendOptions
 from ..driver import LOG_ZERO
 from ..token_rows import TokenRows, compute_dtype
+from ..vocab_parallel import SumOverRanksInBackward
 
 
 def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, *,
               entropy: bool, mean: bool, square: bool, options: BackendOptions) -> Tensor:
     """``[n, NUM_STATS]`` statistics (see :mod:`osft_kernels.row_stats`), differentiable; ``options`` are unused."""
     dtype = compute_dtype(weight.dtype)
-    logits = torch.nn.functional.linear(rows.hidden_rows().to(dtype), weight.to(dtype),
+    hidden = rows.hidden_rows().to(dtype)
+    if rows.hidden_grad_group is not None:
+        hidden = SumOverRanksInBackward.apply(hidden, rows.hidden_grad_group)
+    logits = torch.nn.functional.linear(hidden, weight.to(dtype),
                                         None if bias is None else bias.to(dtype))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -24,7 +28,7 @@ def row_stats(rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: flo
     zero = torch.zeros_like(lse)
     return torch.stack([
         lse,
-        logits.gather(1, rows.targets[:, None]).squeeze(1),
+        _target_logit(logits, rows.targets),
         logits.mean(dim=-1) if mean else zero,
         _entropy(logits) if entropy else zero,
         logits.detach().amax(dim=-1),
@@ -46,6 +50,17 @@ def row_stats_grads(rows: TokenRows, weight: Tensor, bias: Tensor | None, softca
     stats, vjp = torch.func.vjp(recompute, *primals)
     grads = (*vjp(grad_stats.to(stats.dtype)), None)
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _target_logit(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits[i, targets[i]]``, 0 where the target lies outside the layer (in another rank's vocabulary
+    shard). The gather keeps the caller's targets when all are inside (autograd then catches an in-place
+    edit of them before backward)."""
+    inside = (targets >= 0) & (targets < logits.shape[1])
+    if bool(inside.all()):
+        return logits.gather(1, targets[:, None]).squeeze(1)
+    picked = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, torch.zeros_like(picked))
 
 
 def _entropy(logits: Tensor) -> Tensor:
