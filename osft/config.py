@@ -48,6 +48,9 @@ class ModelConfig:
     backend: Literal["auto", "torch", "triton", "reference"] = "auto"  # the fused loss's backend
     # auto: flash_attention_2 on a CUDA device where flash_attn is installed (pip install '.[gpu]'), else sdpa
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # training and scoring forwards run the micro-batch's sequences back to back in one row, positions
+    # restarting per sequence: no FLOPs on padding (TRL's padding_free, verl's use_remove_padding)
+    padding_free: bool = False
 
 
 @dataclass

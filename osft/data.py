@@ -198,14 +198,20 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
     return Sequences(input_ids, attention_mask, labels, values)
 
 
-def micro_batches(sequences: Sequences, token_budget: int) -> list[Sequences]:
-    """Consecutive groups of rows whose padded size ``rows * max length`` fits ``token_budget``
-    (a single row always forms a group)."""
+def micro_batches(sequences: Sequences, token_budget: int, *, padding_free: bool = False) -> list[Sequences]:
+    """Consecutive groups of rows whose size fits ``token_budget`` (a single row always forms a group):
+    the padded size ``rows * max length``, or with ``padding_free`` the tokens themselves (the
+    decoder then runs them back to back, :func:`osft.model.packed_hidden_states`)."""
     lengths = sequences.attention_mask.sum(1).tolist()
+
+    def size(start: int, end: int) -> int:
+        group = lengths[start:end]
+        return sum(group) if padding_free else len(group) * max(group)
+
     groups, start = [], 0
     while start < len(lengths):
         end = start + 1
-        while end < len(lengths) and (end + 1 - start) * max(lengths[start:end + 1]) <= token_budget:
+        while end < len(lengths) and size(start, end + 1) <= token_budget:
             end += 1
         groups.append(sequences.select(slice(start, end)).truncate(max(lengths[start:end])))
         start = end

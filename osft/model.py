@@ -1,5 +1,6 @@
 """A local transformers causal LM, seen as a decoder producing hidden states plus an output head
 that the fused losses consume (so training never materializes full-vocabulary logits)."""
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,16 @@ class CausalLM:
     tokenizer: PreTrainedTokenizerBase
     backend: str = "auto"  # the fused losses' backend (model.backend)
     attention: str = "sdpa"  # the attention kernels it was loaded with (model.attn_implementation)
+    padding_free: bool = False  # model.padding_free
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head; 0 at
+        padding when ``padding_free`` (see :func:`packed_hidden_states`)."""
+        if self.padding_free:
+            return packed_hidden_states(self.model.base_model, input_ids, attention_mask,
+                                        one_row=self.attention == "flash_attention_2")
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
 
     def head(self) -> OutputHead:
         return output_head(self.model)
@@ -43,6 +50,53 @@ class CausalLM:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequences of ``lengths`` placed first-fit in decreasing length into rows of ``width`` tokens (a longer
+    sequence gets a row of its own): the sequence indices of each row, in their order there."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if fit is None:
+            rows.append([])
+            room.append(width)
+            fit = len(rows) - 1
+        rows[fit].append(index)
+        room[fit] -= lengths[index]
+    return rows
+
+
+def packed_hidden_states(decoder: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *,
+                         one_row: bool = False) -> Tensor:
+    """``decoder``'s last hidden states ``[B, T, D]`` of a padded batch, computed padding-free: the tokens
+    where ``attention_mask`` is 1 run back to back with ``position_ids`` restarting at every sequence and
+    no attention mask, from which transformers builds block-causal masks (sdpa, eager) or runs
+    variable-length attention (flash-attn). With ``one_row`` all sequences share one row (flash-attn
+    skips the other sequences' blocks); otherwise they are packed into rows as long as the longest
+    sequence (:func:`pack_rows`), because sdpa and eager attend over a whole row under a dense mask.
+    The outputs are put back on the padded grid (0 at padding), so the losses see the usual layout;
+    their gradient flows back through it."""
+    present = attention_mask.bool()
+    lengths = attention_mask.sum(1).tolist()
+    rows = pack_rows(lengths, sum(lengths) if one_row else max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = input_ids.new_zeros(len(rows), width)
+    positions = torch.empty_like(ids)
+    source = torch.empty(len(lengths), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    count = functools.partial(torch.arange, device=input_ids.device)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            ids[r, start:start + lengths[i]] = input_ids[i, present[i]]
+            positions[r, start:start + lengths[i]] = count(lengths[i])
+            source[i, :lengths[i]] = r * width + start + count(lengths[i])
+            start += lengths[i]
+        positions[r, start:] = count(width - start)  # the row's tail: a block of its own
+    packed = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    flat = packed.reshape(-1, packed.shape[-1])
+    in_order = flat.index_select(0, torch.cat([source[i, :n] for i, n in enumerate(lengths)]))
+    return packed.new_zeros(*input_ids.shape, packed.shape[-1]).masked_scatter(present[..., None], in_order)
 
 
 def default_device() -> torch.device:
@@ -120,4 +174,4 @@ def load_causal_lm(config: ModelConfig, device: torch.device) -> CausalLM:
     if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     output_head(model)  # refuse unsupported heads before any work
-    return CausalLM(model, tokenizer, backend=config.backend, attention=attention)
+    return CausalLM(model, tokenizer, backend=config.backend, attention=attention, padding_free=config.padding_free)

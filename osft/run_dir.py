@@ -33,6 +33,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # resume may change them freely (a key ending in "." covers its section)
 FREE_ON_RESUME = ("run_dir", "resume", "resume_changed", "log_every", "tensorboard", "save_every", "keep_last",
                   "eval.", "model.gradient_checkpointing", "model.backend", "model.attn_implementation",
+                  "model.padding_free",
                   "optim.micro_batch_tokens", "rollout.engine", "rollout.autocast", "rollout.batch_size",
                   "rollout.vllm_memory_fraction")
 DATA_DIGEST = "data.train (sha256 of the file)"

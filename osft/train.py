@@ -216,7 +216,7 @@ class Run:
         batch = state.batch
         # the loss and the metrics stay on the device until the step's one read-back below
         loss_sum, loss_metrics = 0.0, {}
-        for micro in micro_batches(batch, config.optim.micro_batch_tokens):
+        for micro in micro_batches(batch, config.optim.micro_batch_tokens, padding_free=self.lm.padding_free):
             loss, micro_metrics = self.recipe.loss(micro.to(self.lm.device), state.num_items)
             loss.backward()
             loss_sum = loss_sum + loss.detach()

@@ -63,7 +63,7 @@ class GRPORecipe:
         elsewhere), scored through the training micro-batches (``optim.micro_batch_tokens``)."""
         scored = torch.zeros(batch.target_mask.shape)
         row = 0
-        for micro in micro_batches(batch, self.config.optim.micro_batch_tokens):
+        for micro in micro_batches(batch, self.config.optim.micro_batch_tokens, padding_free=model.padding_free):
             rows, width = micro.labels.shape
             scored[row:row + rows, :width - 1] = target_logprobs(model, micro.to(model.device),
                                                               temperature=self.config.grpo.temperature).cpu()
