@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import checks, token_rows, vocab_parallel
+from . import checks, dtensor_head, token_rows, vocab_parallel
 from .backend import BackendOptions
 from .backends import resolve_backend
 from .row_stats import (
@@ -124,6 +124,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
             ``reduce_hidden_grad=False`` (for frameworks that reduce it themselves). Not under
             ``torch.compile``.
 
+    ``weight`` and ``bias`` may be DTensors (:mod:`osft_kernels.dtensor_head`): FSDP2's sharded
+    parameters are gathered once per call with their gradients averaged over the mesh as FSDP2
+    averages its own; with ``process_group``, a layer sharded along the vocabulary is used in place.
+
     Backward accepts any upstream gradient on ``logprobs`` and ``entropy`` and returns gradients
     for ``hidden``, ``weight`` and ``bias`` in their dtype (recomputing the logits: 8NDV FLOPs in
     all); gradients are deterministic on every backend.
@@ -162,6 +166,7 @@ def linear_token_outputs(hidden: Tensor, weight: Tensor, targets: Tensor, *, out
     (``"logprobs"``, ``"entropy"``, ``"mean_logit"``, ``"is_top1"``, ``"log_sum_sq_probs"``), all from one
     pass over the logits. Arguments and gradients as in :func:`linear_logprobs`."""
     wanted = checks.check_outputs(outputs, TokenOutputs._fields)
+    weight, bias = dtensor_head.plain_head(hidden, weight, bias, process_group)
     options = checks.backend_options(memory_budget)
     temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
     flags = dict(entropy="entropy" in wanted, mean="mean_logit" in wanted, square="log_sum_sq_probs" in wanted)
@@ -211,6 +216,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     """
     checks.check_label_smoothing(label_smoothing)
     checks.check_z_loss(z_loss)
+    weight, bias = dtensor_head.plain_head(hidden, weight, bias, process_group)
     options = checks.backend_options(memory_budget)
     temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
     if reduction not in checks.REDUCTIONS:
@@ -267,6 +273,7 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, targets: Tensor, token_los
     if not callable(token_loss):
         raise TypeError(f"token_loss must be callable, got {type(token_loss).__name__}")
     checks.check_flag("return_entropy", return_entropy)
+    weight, bias = dtensor_head.plain_head(hidden, weight, bias, process_group)
     options = checks.backend_options(memory_budget)
     temperature, softcap = _fold_logit_scale(logit_scale, temperature, softcap)
     rows, impl = _rows_and_backend(hidden, weight, targets, bias, temperature, softcap, ignore_index, shift, backend,
