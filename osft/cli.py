@@ -6,6 +6,7 @@
     osft demo [--model smollm2-135m] [--ablation] ...  (OSFT vs GRPO on the built-in task; see osft.demo)
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -74,13 +75,16 @@ def _run(command: str, config, args) -> int:
         print(f"wrote {score_file(config, Path(args.output), temperature=args.temperature)}")
         return 0
     from .train import train
-    print(f"done: {train(config, progress=not args.no_progress)}")
+    run_dir = train(config, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"done: {run_dir}")
     return 0
 
 
 def _evaluate(config) -> int:
     import json
 
+    from .distributed import join_ranks
     from .evaluate import append_eval, evaluate, load_eval_rows
     from .model import default_device, load_causal_lm
     from .train import seed_everything
@@ -88,10 +92,12 @@ def _evaluate(config) -> int:
     if not config.eval.data:
         print("osft: bad config: eval.data is required for osft eval", file=sys.stderr)
         return 2
-    seed_everything(config.seed)
-    lm = load_causal_lm(config.model, default_device())
-    metrics = evaluate(lm, config, load_eval_rows(config))
-    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-    append_eval(Path(config.run_dir) / "eval.jsonl", 0, metrics)
-    print(json.dumps(metrics, indent=1))
+    with join_ranks() as ranks:  # under torchrun each process judges a share of the prompts
+        seed_everything(config.seed + ranks.rank)
+        lm = load_causal_lm(config.model, default_device())
+        metrics = evaluate(lm, config, load_eval_rows(config), ranks=ranks)
+    if ranks.main:
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        append_eval(Path(config.run_dir) / "eval.jsonl", 0, metrics)
+        print(json.dumps(metrics, indent=1))
     return 0

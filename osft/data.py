@@ -233,7 +233,8 @@ def tokenize_prompts(rows: list[dict], config: DataConfig, tokenizer) -> list[li
     """Prompt token ids, left-truncated to ``max_prompt_tokens`` (the end of a prompt matters most)."""
     prompts = []
     for row in rows:
-        ids = tokenizer(prompt_text(_prompt(row, config.prompt_column), tokenizer), add_special_tokens=False)["input_ids"]
+        text = prompt_text(_prompt(row, config.prompt_column), tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append(ids[-config.max_prompt_tokens:])
     return prompts
 

@@ -132,7 +132,8 @@ def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
     write_task(task_dir, seed=settings.seed, train_size=settings.train_prompts, eval_size=settings.eval_prompts,
                difficulty=settings.difficulty)
     print(f"model {settings.model} ({model_path}) on {device.type}, fused loss backend: {backend}; "
-          f"task: {settings.train_prompts} train / {settings.eval_prompts} eval prompts, difficulty {settings.difficulty}")
+          f"task: {settings.train_prompts} train / {settings.eval_prompts} eval prompts, "
+          f"difficulty {settings.difficulty}")
 
     results = {"settings": asdict(settings), "device": device.type, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "loss_backend": backend, "recipes": {}}
@@ -199,7 +200,8 @@ def format_table(results: dict) -> str:
     for name, entry in results["recipes"].items():
         final = entry["final"]
         lines.append(f"| {_label(name, settings)} | {entry['steps']} | {entry['rollout_tokens']} | "
-                     f"{final['eval/pass@1']:.3f} | {final['eval/greedy_pass@1']:.3f} | {final[f'eval/pass@{k}']:.3f} | "
+                     f"{final['eval/pass@1']:.3f} | {final['eval/greedy_pass@1']:.3f} | "
+                     f"{final[f'eval/pass@{k}']:.3f} | "
                      f"{final['eval/mean_length']:.1f} |")
     return "\n".join(lines)
 

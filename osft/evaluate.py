@@ -9,9 +9,10 @@ from rich.progress import Progress
 
 from .config import Config
 from .data import load_rows, prompt_text, tokenize_prompts
+from .distributed import Ranks
 from .model import CausalLM
 from .rewards import REWARDS
-from .rollout import RolloutEngine, completion_metrics, make_engine
+from .rollout import RolloutEngine, make_engine
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -28,29 +29,38 @@ def load_eval_rows(config: Config) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngine | None = None,
-             progress: Progress | None = None) -> dict[str, float]:
+             progress: Progress | None = None, ranks: Ranks = Ranks()) -> dict[str, float]:
     """``eval/pass@k`` for k = 1, 2, 4, ... <= n, ``eval/avg@n`` (mean reward over all samples),
     ``eval/mean_length`` and ``eval/unjudged_ratio`` (completions the reward could not judge, counted wrong);
     with ``eval.greedy`` also ``eval/greedy_pass@1``. Generates with ``engine`` (default: a new
-    ``rollout.engine`` engine of ``lm``); ``progress``: a rich Progress to show generation on."""
+    ``rollout.engine`` engine of ``lm``); ``progress``: a rich Progress to show generation on. With
+    several ``ranks``, each judges its share of the prompts and every rank returns the merged metrics."""
     settings, data, tokenizer = config.eval, config.data, lm.tokenizer
     n = settings.samples
     engine = engine if engine is not None else make_engine(lm, config)
-    prompts = tokenize_prompts(rows, data, tokenizer)
+    mine = ranks.share(rows)
+    prompts = tokenize_prompts(mine, data, tokenizer)
     completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
-    correct = _judge(lm, config, rows, completions, n)
+    correct = _merged(ranks, _judge(lm, config, mine, completions, n))
+    lengths = _merged(ranks, [len(c.token_ids) for c in completions])
     metrics = {f"eval/pass@{k}": sum(pass_at_k(n, sum(c == 1.0 for c in per_prompt), k)
                                      for per_prompt in correct) / len(rows)
                for k in (2 ** j for j in range(int(math.log2(n)) + 1))}
     rewards = [r for per_prompt in correct for r in per_prompt]
     metrics[f"eval/avg@{n}"] = sum(r or 0.0 for r in rewards) / len(rewards)
-    metrics["eval/mean_length"] = completion_metrics(completions)["completions/mean_length"]
+    metrics["eval/mean_length"] = sum(lengths) / len(lengths)
     metrics["eval/unjudged_ratio"] = sum(r is None for r in rewards) / len(rewards)
     metrics["eval/temperature"] = settings.temperature
     if settings.greedy:
-        greedy = _judge(lm, config, rows, engine.generate(prompts, temperature=0.0, progress=progress), 1)
+        greedy = _merged(ranks, _judge(lm, config, mine, engine.generate(prompts, temperature=0.0,
+                                                                          progress=progress), 1))
         metrics["eval/greedy_pass@1"] = sum(per_prompt[0] == 1.0 for per_prompt in greedy) / len(rows)
     return metrics
+
+
+def _merged(ranks: Ranks, items: list) -> list:
+    """Every rank's ``items`` concatenated in rank order (the order of the prompts they shared)."""
+    return [item for share in ranks.gather(items) for item in share]
 
 
 def _judge(lm: CausalLM, config: Config, rows: list[dict], completions, n: int) -> list[list[float | None]]:

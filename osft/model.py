@@ -2,6 +2,7 @@
 that the fused losses consume (so training never materializes full-vocabulary logits)."""
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +25,31 @@ class CausalLM:
     backend: str = "auto"  # the fused losses' backend (model.backend)
     attention: str = "sdpa"  # the attention kernels it was loaded with (model.attn_implementation)
     padding_free: bool = False  # model.padding_free
+    sharded: bool = False  # FSDP2 over the ranks of a torchrun run (osft.distributed.shard_model)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The decoder's last hidden states ``[B, T, D]`` (after the final norm), without the head; 0 at
         padding when ``padding_free`` (see :func:`packed_hidden_states`)."""
         if self.padding_free:
-            return packed_hidden_states(self.model.base_model, input_ids, attention_mask,
+            return packed_hidden_states(self.decode, input_ids, attention_mask,
                                         one_row=self.attention == "flash_attention_2")
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
+        return self.decode(input_ids=input_ids, attention_mask=attention_mask)
+
+    def decode(self, **inputs) -> Tensor:
+        """The decoder's last hidden states for ``inputs`` (``input_ids`` and ``attention_mask`` or
+        ``position_ids``), without a cache. A sharded model runs its root module's forward, with the
+        output layer applied to the last position only: FSDP2 gathers the root's parameters (the
+        output layer among them) there and reduces their gradients after backward, tied or not."""
+        if not self.sharded:
+            return self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        captured = []
+        hook = self.model.base_model.register_forward_hook(
+            lambda module, args, out: captured.append(out.last_hidden_state))
+        try:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return captured[0]
 
     def head(self) -> OutputHead:
         return output_head(self.model)
@@ -67,9 +84,10 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def packed_hidden_states(decoder: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *,
+def packed_hidden_states(decode: Callable[..., Tensor], input_ids: Tensor, attention_mask: Tensor, *,
                          one_row: bool = False) -> Tensor:
-    """``decoder``'s last hidden states ``[B, T, D]`` of a padded batch, computed padding-free: the tokens
+    """The last hidden states ``[B, T, D]`` of a padded batch from ``decode(input_ids=, position_ids=)``
+    (:meth:`CausalLM.decode`), computed padding-free: the tokens
     where ``attention_mask`` is 1 run back to back with ``position_ids`` restarting at every sequence and
     no attention mask, from which transformers builds block-causal masks (sdpa, eager) or runs
     variable-length attention (flash-attn). With ``one_row`` all sequences share one row (flash-attn
@@ -93,7 +111,7 @@ def packed_hidden_states(decoder: PreTrainedModel, input_ids: Tensor, attention_
             source[i, :lengths[i]] = r * width + start + count(lengths[i])
             start += lengths[i]
         positions[r, start:] = count(width - start)  # the row's tail: a block of its own
-    packed = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    packed = decode(input_ids=ids, position_ids=positions)
     flat = packed.reshape(-1, packed.shape[-1])
     in_order = flat.index_select(0, torch.cat([source[i, :n] for i, n in enumerate(lengths)]))
     return packed.new_zeros(*input_ids.shape, packed.shape[-1]).masked_scatter(present[..., None], in_order)

@@ -120,11 +120,12 @@ class VLLMEngine:
         self.sync_weights()  # the trainer may hold a resumed checkpoint rather than model.path
 
     def _weights_version(self) -> int:
-        return sum(p._version for p in self.lm.model.parameters())
+        return sum(_local(p)._version for p in self.lm.model.parameters())
 
     def sync_weights(self) -> None:
-        """Hand the trainer's current weights to vLLM."""
-        weights = [(name, tensor.detach()) for name, tensor in self.lm.model.state_dict().items()]
+        """Hand the trainer's current weights to vLLM (gathered whole from FSDP2's shards: under torchrun
+        every rank runs its own engine, and all of them sync at the same point)."""
+        weights = [(name, _whole(tensor.detach())) for name, tensor in self.lm.model.state_dict().items()]
 
         def reload(worker, named_weights):
             worker.model_runner.reload_weights(weights_iterator=iter(named_weights))
@@ -154,6 +155,15 @@ class VLLMEngine:
                 completions.append(Completion(list(sample.token_ids), logprobs,
                                               truncated=sample.finish_reason == "length"))
         return completions
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (whose version counter the optimizer's updates advance), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class RolloutEngine(Protocol):

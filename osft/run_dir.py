@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors import safe_open
 
 from .config import Config
+from .distributed import Ranks
 from .model import CausalLM
 
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"
 LOCK_FILE = "run.lock"
 CHANGES_FILE = "config_changes.jsonl"
 # keys that change how a run is logged, evaluated, checkpointed or computed, not what it trains; a
@@ -45,11 +48,13 @@ class RunError(RuntimeError):
 
 
 class Checkpoints:
-    """``run_dir/checkpoints/step-NNNNNN``: safetensors weights and tokenizer (loadable with
-    ``from_pretrained``) plus optimizer and RNG states, step and data position (the schedule follows
-    from the step), the run's config and its data file's digest (a resume compares them with its own).
-    Written to a temporary directory and renamed, so a killed run never leaves a partial checkpoint;
-    the last ``keep_last`` (by step number) are kept (with 0, none is written)."""
+    """``run_dir/checkpoints/step-NNNNNN``: the whole model's safetensors weights and tokenizer (loadable
+    with ``from_pretrained``), the optimizer state as a ``torch.distributed.checkpoint`` directory
+    (``optimizer/``, written by every rank for its shards and loadable onto any number of processes),
+    and the trainer state: step and data position (the schedule follows from the step), every rank's
+    RNG states, the run's config and its data file's digest (a resume compares them with its own).
+    Written to a temporary directory and renamed by the main rank, so a killed run never leaves a
+    partial checkpoint; the last ``keep_last`` (by step number) are kept (with 0, none is written)."""
 
     def __init__(self, run_dir: Path, keep_last: int):
         self.root = run_dir / "checkpoints"
@@ -76,6 +81,8 @@ class Checkpoints:
                     with safe_open(str(file), framework="pt"):  # reads and checks the header only
                         pass
                 state = torch.load(path / STATE_FILE, weights_only=False)
+                if "optimizer" not in state and not (path / OPTIMIZER_DIR / ".metadata").is_file():
+                    raise FileNotFoundError(f"no {OPTIMIZER_DIR}/.metadata (the optimizer state)")
             except Exception as error:  # noqa: BLE001 (any failure to load makes it unusable)
                 aside = path.with_name(path.name + ".corrupt")
                 shutil.rmtree(aside, ignore_errors=True)
@@ -87,35 +94,70 @@ class Checkpoints:
         return None
 
     def save(self, lm: CausalLM, optimizer, step: int, position: int, rollout_tokens: int, config: Config,
-             data_digest: str) -> Path:
+             data_digest: str, ranks: Ranks = Ranks()) -> Path:
+        """Every rank calls it (the weights are gathered and the optimizer shards written collectively)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         final = self.root / f"step-{step:06d}"
         temporary = self.root / f"step-{step:06d}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        lm.model.save_pretrained(temporary, safe_serialization=True)
-        lm.tokenizer.save_pretrained(temporary)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"step": step, "position": position, "rollout_tokens": rollout_tokens,
-                    "optimizer": optimizer.state_dict(), "rng": rng,
-                    "config": dataclasses.asdict(config), "data_digest": data_digest}, temporary / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
-        for old in self.all()[:-self.keep_last]:
-            shutil.rmtree(old)
+        if ranks.main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        ranks.gather(None)  # the directory exists before any rank writes into it
+        weights = get_model_state_dict(lm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+            if lm.sharded else None
+        dcp.save(optimizer_state(lm, optimizer), checkpoint_id=temporary / OPTIMIZER_DIR)
+        rng = ranks.gather(_rng_state())
+        if ranks.main:
+            lm.model.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
+            lm.tokenizer.save_pretrained(temporary)
+            torch.save({"step": step, "position": position, "rollout_tokens": rollout_tokens, "rng": rng,
+                        "config": dataclasses.asdict(config), "data_digest": data_digest}, temporary / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            temporary.rename(final)
+            for old in self.all()[:-self.keep_last]:
+                shutil.rmtree(old)
+        ranks.gather(None)  # no rank moves on before the checkpoint is complete
         return final
 
     @staticmethod
-    def restore(state: dict, optimizer) -> tuple[int, int, int]:
-        """``(step, position, rollout_tokens)`` of a checkpoint's trainer state; restores the optimizer and RNGs."""
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    def restore(path: Path, state: dict, lm: CausalLM, optimizer, ranks: Ranks = Ranks()) -> tuple[int, int, int]:
+        """``(step, position, rollout_tokens)`` of the checkpoint at ``path`` with trainer ``state``; restores
+        the optimizer (resharded onto these ranks) and this rank's RNGs: those it saved, or with another
+        number of processes than the run that saved them, the main rank's (sampling then differs from an
+        uninterrupted run; the offline recipes do not sample)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if "optimizer" in state:  # a single-process checkpoint of the earlier format
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            loaded = optimizer_state(lm, optimizer)
+            dcp.load(loaded, checkpoint_id=path / OPTIMIZER_DIR)
+            set_optimizer_state_dict(lm.model, optimizer, loaded)
+        rng = state["rng"]
+        if isinstance(rng, list):
+            rng = rng[ranks.rank] if len(rng) == ranks.size else rng[0]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return state["step"], state["position"], state["rollout_tokens"]
+
+
+def optimizer_state(lm: CausalLM, optimizer) -> dict:
+    """The optimizer's state keyed by parameter names, this rank's shards of it (what
+    ``torch.distributed.checkpoint`` saves and reshards on load); states not yet created are zeros."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(lm.model, optimizer)
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def _write_atomically(path: Path, text: str) -> None:

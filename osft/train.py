@@ -8,11 +8,19 @@ rollouts bring the generated-token count to ``max_rollout_tokens``. A step split
 micro-batches of at most ``optim.micro_batch_tokens`` padded tokens and normalizes every micro-batch loss by the whole
 batch's count (``num_items``), so the accumulated gradient does not depend on the micro-batching.
 The run directory's lock, checkpoints and resume checks live in :mod:`osft.run_dir`.
+
+Under ``torchrun`` (:mod:`osft.distributed`) every rank takes an equal share of each batch's prompts
+and trains an FSDP2-sharded model; the batch count that normalizes the losses is the sum over the
+ranks, divided by their number because FSDP2 averages gradients, so the gradient is the one a single
+process gets for the whole batch. The main rank writes the logs and checkpoint files, with metrics
+reduced over the ranks; evaluation splits its prompts over the ranks and merges the results.
 """
+import contextlib
 import json
 import math
 import random
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,7 @@ from osft_kernels import backend_name
 
 from .config import Config, ConfigError, ModelConfig, dump_config
 from .data import Sequences, load_rows, micro_batches, tokenize_prompts, tokenize_responses
+from .distributed import Ranks, check_ranks, join_ranks, shard_model
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import CausalLM, default_device, load_causal_lm
 from .recipes import RECIPES, Recipe, make_recipe
@@ -75,6 +84,21 @@ def read_back(loss, grad_norm, metrics: dict) -> tuple[float, float, dict[str, f
               for v in (loss, grad_norm, *metrics.values())]
     loss, grad_norm, *rest = torch.stack(values).tolist()
     return loss, grad_norm, dict(zip(names, rest))
+
+
+def full(value: torch.Tensor) -> torch.Tensor:
+    """A norm as a plain tensor: over FSDP2's sharded parameters, torch returns it as a DTensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+# batch metrics that add up over the ranks' shares; the others are means over equal shares
+SUMMED_BATCH_METRICS = ("completions/num_tokens",)
+
+
+def merge_batch_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One batch's metrics from its ranks' shares (equal numbers of prompts, so means average)."""
+    return {name: (sum if name in SUMMED_BATCH_METRICS else statistics.fmean)([m[name] for m in per_rank])
+            for name in per_rank[0]}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -149,12 +173,15 @@ METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
 
 
 def train(config: Config, *, progress: bool = True) -> Path:
-    """Run ``config`` to its last step; returns the run directory. A run that cannot start as asked (the
-    directory in use or not writable, a changed config, an earlier run's checkpoints) raises :class:`RunError`."""
-    run_dir = Path(config.run_dir)
-    check_writable(run_dir, "run_dir")
-    with RunLock(run_dir):
-        _run(config, run_dir, progress)
+    """Run ``config`` to its last step, on the ranks of a torchrun launch if there is one; returns the run
+    directory. A run that cannot start as asked (the directory in use or not writable, a changed config,
+    an earlier run's checkpoints) raises :class:`RunError`."""
+    with join_ranks() as ranks:
+        check_ranks(config, ranks)
+        run_dir = Path(config.run_dir)
+        check_writable(run_dir, "run_dir")
+        with RunLock(run_dir) if ranks.main else contextlib.nullcontext():
+            _run(config, run_dir, progress and ranks.main, ranks)
     return run_dir
 
 
@@ -167,7 +194,7 @@ class RunState:
     rollout_tokens: int = 0  # generated tokens so far
     batch: Sequences | None = None
     batch_metrics: dict[str, float] = field(default_factory=dict)
-    num_items: float = 1.0   # the batch's count (recipe.num_items)
+    num_items: float = 1.0   # the batch's count (recipe.num_items; over the ranks, per rank)
     updates_left: int = 0    # optimizer steps the batch still serves
     save_due: bool = False   # a checkpoint is due at the end of the batch
 
@@ -189,21 +216,24 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     state: RunState
+    ranks: Ranks = Ranks()
 
     def finished(self) -> bool:
         state, budget = self.state, self.config.max_rollout_tokens
         return state.step >= self.total_steps or (0 < budget <= state.rollout_tokens and state.updates_left == 0)
 
     def next_batch(self) -> None:
-        """The recipe's batch of the next ``prompts_per_step`` rows in the data order."""
-        config, state = self.config, self.state
-        indices = self.order.rows(state.position, config.prompts_per_step)
-        state.batch, state.batch_metrics = self.recipe.make_batch([self.rows[i] for i in indices],
-                                                                  epoch=state.position / len(self.rows))
+        """The recipe's batch of this rank's share of the next ``prompts_per_step`` rows in the data order."""
+        config, state, ranks = self.config, self.state, self.ranks
+        indices = ranks.share(self.order.rows(state.position, config.prompts_per_step))
+        state.batch, metrics = self.recipe.make_batch([self.rows[i] for i in indices],
+                                                      epoch=state.position / len(self.rows))
+        state.batch_metrics = merge_batch_metrics(ranks.gather(metrics))
         state.position += config.prompts_per_step
         state.rollout_tokens += int(state.batch_metrics.get("completions/num_tokens", 0))
         state.updates_left = self.recipe.updates_per_batch
-        state.num_items = self.recipe.num_items(state.batch)
+        # FSDP2 averages the ranks' gradients: each rank divides by the whole batch's count over their number
+        state.num_items = ranks.sum([self.recipe.num_items(state.batch)])[0] / ranks.size
 
     def step(self) -> dict[str, float]:
         """One optimizer step over the batch's micro-batches (a new batch first when the last one is
@@ -223,7 +253,7 @@ class Run:
             share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
             for name, value in micro_metrics.items():
                 loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), config.optim.max_grad_norm)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), config.optim.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopping before "
                                      f"the update (last checkpoint: {self.checkpoints.latest()})")
@@ -231,7 +261,7 @@ class Run:
         self.optimizer.step()
         # one fused norm over the weights, one sync: an update (e.g. a huge lr times weight decay) can
         # overflow them with finite gradients
-        if not torch.isfinite(torch.nn.utils.get_total_norm(self.lm.model.parameters())):
+        if not torch.isfinite(full(torch.nn.utils.get_total_norm(self.lm.model.parameters()))):
             raise FloatingPointError(f"step {state.step + 1}: the weights are not finite after the update (lr "
                                      f"{lr:g}); stopping (last checkpoint: {self.checkpoints.latest()})")
         self.scheduler.step()
@@ -239,11 +269,18 @@ class Run:
         state.step += 1
         state.updates_left -= 1
         loss_sum, grad_norm, loss_metrics = read_back(loss_sum, grad_norm, loss_metrics)
+        # over the ranks: the loss is the sum of their shares (each scaled up by their number, see
+        # next_batch), the token-weighted metrics are weighted by each rank's target count
+        targets, names = batch.num_targets, list(loss_metrics)
+        loss_sum, tokens, targets, *weighted = self.ranks.sum(
+            [loss_sum, float(batch.attention_mask.sum()), targets, *(loss_metrics[n] * targets for n in names)])
+        loss_metrics = {name: value / max(targets, 1) for name, value in zip(names, weighted)}
         seconds = time.perf_counter() - started
-        return {"step": state.step, "epoch": state.position / len(self.rows), "loss": loss_sum,
+        return {"step": state.step, "epoch": state.position / len(self.rows), "loss": loss_sum / self.ranks.size,
                 "grad_norm": grad_norm, "lr": lr, "rollout_tokens": state.rollout_tokens,
-                "tokens_per_s": float(batch.attention_mask.sum()) / seconds,
-                "peak_memory_gb": peak_memory_gb(self.lm.device), **state.batch_metrics, **loss_metrics}
+                "tokens_per_s": tokens / seconds,
+                "peak_memory_gb": self.ranks.max([peak_memory_gb(self.lm.device)])[0], **state.batch_metrics,
+                **loss_metrics}
 
     def save_if_due(self, last: bool) -> None:
         """A checkpoint every ``save_every`` steps, taken between batches (a batch may serve several
@@ -252,17 +289,18 @@ class Run:
         state.save_due = state.save_due or bool(config.save_every and state.step % config.save_every == 0)
         if config.keep_last and ((state.save_due and state.updates_left == 0) or last):
             self.checkpoints.save(self.lm, self.optimizer, state.step, state.position, state.rollout_tokens, config,
-                                  self.data_digest)
+                                  self.data_digest, self.ranks)
             state.save_due = False
 
 
-def start_run(config: Config, run_dir: Path) -> Run:
-    """Load the data and the model, and restore the last checkpoint when resuming (its weights,
-    optimizer, counters; the logs cut back to its step), after refusing what must not run."""
+def start_run(config: Config, run_dir: Path, ranks: Ranks = Ranks()) -> Run:
+    """Load the data and the model (sharded over ``ranks`` when there are several), and restore the last
+    checkpoint when resuming (its weights, optimizer, counters; the logs cut back to its step), after
+    refusing what must not run. The main rank picks the checkpoint; the others follow."""
     checkpoints = Checkpoints(run_dir, config.keep_last)
     if config.keep_last:
         check_writable(checkpoints.root, "the checkpoint directory (keep_last > 0)")
-    found = checkpoints.load_latest() if config.resume == "auto" else None
+    found = ranks.broadcast(checkpoints.load_latest() if config.resume == "auto" and ranks.main else None)
     if found is None and any(p.suffix != ".tmp" for p in checkpoints.root.glob("step-*")):
         reason = "none of them loads" if config.resume == "auto" else "resume: never"
         raise RunError(f"run_dir {run_dir} holds checkpoints of an earlier run ({reason}); a fresh run must not "
@@ -271,14 +309,18 @@ def start_run(config: Config, run_dir: Path) -> Run:
     data_digest = file_digest(config.data.train)
     if found is not None:
         check_resume_config(config, data_digest, *found, run_dir)
-    seed_everything(config.seed)
+    seed_everything(config.seed + ranks.rank)  # the ranks sample their own prompts with their own streams
     model_config = config.model
     if found is not None:  # the trainer continues from the checkpoint's weights
         model_config = ModelConfig(**{**vars(config.model), "path": str(found[0])})
     lm = load_causal_lm(model_config, default_device())
+    if ranks.size > 1:
+        shard_model(lm.model)
+        lm.sharded = True
     eval_rows = load_eval_rows(config) if config.eval.data else None
     check_position_limit(config, lm, rows, eval_rows)
-    dump_config(config, run_dir / "config.yaml")
+    if ranks.main:
+        dump_config(config, run_dir / "config.yaml")
     engine = make_engine(lm, config) if RECIPES[config.recipe].generates or eval_rows else None
     recipe = make_recipe(config, lm, engine)
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.prompts_per_step)
@@ -287,36 +329,41 @@ def start_run(config: Config, run_dir: Path) -> Run:
     state = RunState()
     logs = (run_dir / METRICS_FILE, run_dir / EVAL_FILE)
     if found is not None:
-        state.step, state.position, state.rollout_tokens = Checkpoints.restore(found[1], optimizer)
+        state.step, state.position, state.rollout_tokens = Checkpoints.restore(*found, lm, optimizer, ranks)
         for group in optimizer.param_groups:  # the config's values (they differ from the checkpoint's only if allowed)
             group.update(initial_lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                          betas=(config.optim.beta1, config.optim.beta2))
-        for path in logs:
+    for path in logs if ranks.main else ():
+        if found is not None:
             drop_logged_after(path, state.step)
-    else:
-        for path in logs:
+        else:
             path.unlink(missing_ok=True)
     # the schedule at ``step``, from the config's lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps),
                                                   last_epoch=state.step - 1)
     return Run(config, lm, recipe, engine, rows, DataOrder(len(rows), config.seed), eval_rows, data_digest,
-               checkpoints, optimizer, scheduler, total_steps, state)
+               checkpoints, optimizer, scheduler, total_steps, state, ranks)
 
 
-def _run(config: Config, run_dir: Path, progress: bool) -> None:
-    run = start_run(config, run_dir)
+def _run(config: Config, run_dir: Path, progress: bool, ranks: Ranks = Ranks()) -> None:
+    """The run's loop; ``progress`` (a bar and the opening line) and the logs on the main rank only."""
+    run = start_run(config, run_dir, ranks)
     if progress:
         lm = run.lm
-        print(f"{config.recipe}: {config.model.path} on {lm.device}, attention {lm.attention}, "
+        processes = f", {ranks.size} processes (FSDP2)" if ranks.size > 1 else ""
+        print(f"{config.recipe}: {config.model.path} on {lm.device}{processes}, attention {lm.attention}, "
               f"fused loss backend {backend_name(lm.backend, lm.device)}")
     if run.finished():
         return
-    log = MetricLog(run_dir / METRICS_FILE, run_dir / "tensorboard" if config.tensorboard else None)
+    log = MetricLog(run_dir / METRICS_FILE, run_dir / "tensorboard" if config.tensorboard else None) \
+        if ranks.main else None
     try:
         def run_evaluation(at_step: int, bar: Progress) -> None:
-            results = evaluate(run.lm, config, run.eval_rows, run.engine, progress=bar if progress else None)
-            append_eval(run_dir / EVAL_FILE, at_step, results)
-            log.write(at_step, results, to_file=False)
+            results = evaluate(run.lm, config, run.eval_rows, run.engine, progress=bar if progress else None,
+                               ranks=ranks)
+            if log is not None:
+                append_eval(run_dir / EVAL_FILE, at_step, results)
+                log.write(at_step, results, to_file=False)
             run.lm.model.train()
 
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -329,11 +376,12 @@ def _run(config: Config, run_dir: Path, progress: bool) -> None:
             while not run.finished():
                 metrics = run.step()
                 step, last = run.state.step, run.finished()
-                if step % config.log_every == 0 or last:
+                if log is not None and (step % config.log_every == 0 or last):
                     log.write(step, metrics)
                 bar.update(task, completed=step, metrics=f"loss {metrics['loss']:.4f} grad {metrics['grad_norm']:.3f}")
                 if run.eval_rows and ((config.eval.every and step % config.eval.every == 0) or last):
                     run_evaluation(step, bar)
                 run.save_if_due(last)
     finally:
-        log.close()
+        if log is not None:
+            log.close()

@@ -46,7 +46,8 @@ def test_packed_hidden_states_equal_the_padded_ones(family, attention, one_row):
     attention_mask = (torch.arange(max(LENGTHS)) < torch.tensor(LENGTHS)[:, None]).long()
     with torch.no_grad():
         padded = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        packed = packed_hidden_states(model.model, input_ids, attention_mask, one_row=one_row)
+        packed = packed_hidden_states(CausalLM(model, tokenizer=None).decode, input_ids, attention_mask,
+                                      one_row=one_row)
     present = attention_mask.bool()
     # float32 (a wrong mask is off by ~1; Gemma 3's padded eager attention gives NaN in float64)
     torch.testing.assert_close(packed[present], padded[present], rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers.runs import base_overrides
 from helpers.tiny_lm import arithmetic_rows, write_rows
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from osft.cli import main as cli_main
 from osft.config import ConfigError, load_config
@@ -69,8 +70,9 @@ def test_an_allowed_config_change_applies_the_new_lr_and_is_recorded(tmp_path, m
         assert cli_main(["train", "/dev/null", "--no-progress", "--allow-config-change",
                          *overrides(model_dir, data_file, run_dir, "max_steps=4", "optim.lr=1e-2")]) == 0
     assert logged(run_dir, "lr") == [1e-3, 1e-3, 1e-2, 1e-2]
-    state = torch.load(run_dir / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
-    assert {group["initial_lr"] for group in state["optimizer"]["param_groups"]} == {1e-2}
+    dcp_to_torch_save(run_dir / "checkpoints" / "step-000004" / "optimizer", tmp_path / "optimizer.pt")
+    state = torch.load(tmp_path / "optimizer.pt", weights_only=False)
+    assert {group["initial_lr"] for group in state["param_groups"]} == {1e-2}
     changes = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
     assert changes == [{"step": 2, "checkpoint": "step-000002",
                         "changes": {"max_steps": [2, 4], "optim.lr": [1e-3, 1e-2]}}]
