@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     known, rest = parser.parse_known_args(argv)
+    if known.command == "demo" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("osft: osft demo runs in one process; under torchrun use osft train, eval or score", file=sys.stderr)
+        return 2
     if known.command == "demo":
         from .demo import main as demo_main
         return demo_main(rest)
@@ -72,7 +75,9 @@ def _run(command: str, config, args) -> int:
         return _evaluate(config)
     if command == "score":
         from .scoring import score_file
-        print(f"wrote {score_file(config, Path(args.output), temperature=args.temperature)}")
+        written = score_file(config, Path(args.output), temperature=args.temperature)
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            print(f"wrote {written}")
         return 0
     from .train import train
     run_dir = train(config, progress=not args.no_progress)

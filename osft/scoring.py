@@ -9,6 +9,7 @@ from osft_kernels import linear_logprobs
 
 from .config import Config
 from .data import Sequences, load_rows, pack, tokenize_prompts, tokenize_responses
+from .distributed import join_ranks
 from .model import CausalLM, default_device, load_causal_lm
 
 
@@ -21,22 +22,26 @@ def target_logprobs(lm: CausalLM, batch: Sequences, *, temperature: float) -> Te
 def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Path:
     """Write ``config.data.train`` with a ``config.data.behavior_logprobs_column`` column: the logprob
     of each response token (EOS included, as the ``sft``/``pear`` recipes tokenize it) under
-    ``config.model`` at ``temperature``. This is how PEAR's behavior-policy logprobs are collected."""
+    ``config.model`` at ``temperature``. This is how PEAR's behavior-policy logprobs are collected.
+    Under torchrun the processes score shares of the rows and the main rank writes the file."""
     import datasets
 
-    device = default_device()
-    lm = load_causal_lm(config.model, device)
-    lm.model.eval()
     data = config.data
     rows = load_rows(data.train, [data.prompt_column, data.response_column])
-    scored = []
-    for start in range(0, len(rows), config.rollout.batch_size):
-        chunk = rows[start:start + config.rollout.batch_size]
-        batch = pack(tokenize_prompts(chunk, data, lm.tokenizer), tokenize_responses(chunk, data, lm.tokenizer),
-                     lm.tokenizer.pad_token_id)
-        logprobs = target_logprobs(lm, batch.to(device), temperature=temperature).cpu()
-        for row, values, mask in zip(chunk, logprobs, batch.target_mask):
-            scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_list(scored).to_parquet(str(output))
+    with join_ranks() as ranks:  # under torchrun each process scores a share of the rows
+        device = default_device()
+        lm = load_causal_lm(config.model, device)
+        lm.model.eval()
+        mine, scored = ranks.share(rows), []
+        for start in range(0, len(mine), config.rollout.batch_size):
+            chunk = mine[start:start + config.rollout.batch_size]
+            batch = pack(tokenize_prompts(chunk, data, lm.tokenizer), tokenize_responses(chunk, data, lm.tokenizer),
+                         lm.tokenizer.pad_token_id)
+            logprobs = target_logprobs(lm, batch.to(device), temperature=temperature).cpu()
+            for row, values, mask in zip(chunk, logprobs, batch.target_mask):
+                scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
+        scored = [row for share in ranks.gather(scored) for row in share]
+    if ranks.main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(scored).to_parquet(str(output))
     return output

@@ -13,17 +13,13 @@ plain tensors the ops compute with, gradients flowing back to the DTensors.
   with its local rows (:mod:`osft_kernels.vocab_parallel`), and its gradient becomes the DTensor's.
 """
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .vocab_parallel import check_process_group
 
-try:
-    from torch.distributed.tensor import DTensor, Partial, Shard
-except ImportError:  # torch built without distributed support
-    DTensor = None
-
 
 def is_dtensor(value) -> bool:
-    return DTensor is not None and isinstance(value, DTensor)
+    return isinstance(value, DTensor)
 
 
 def plain_head(hidden, weight, bias, process_group) -> tuple:
@@ -37,7 +33,7 @@ def plain_head(hidden, weight, bias, process_group) -> tuple:
     if bias is not None and is_dtensor(weight) != is_dtensor(bias):
         raise TypeError("weight and bias must both be DTensors or both plain tensors, got "
                         f"{type(weight).__name__} and {type(bias).__name__}")
-    if process_group is None:
+    if process_group is None:  # averaged over every mesh dimension (FSDP2's, or HSDP's two)
         return tuple(None if t is None else t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
                      for t in (weight, bias))
     check_process_group(process_group)

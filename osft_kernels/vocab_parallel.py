@@ -24,10 +24,9 @@ from torch import Tensor
 
 from . import checks
 from .backend import Backend, BackendOptions
+from .driver import LOG_ZERO
 from .row_stats import ENTROPY, LSE, MAX_LOGIT, MEAN_LOGIT, NUM_STATS, SQUARE_LSE, TARGET_LOGIT
 from .token_rows import TokenRows, compute_dtype
-
-LOG_ZERO = -1.0e4  # log of a shard's share of the probability mass that underflows to 0
 
 
 def check_process_group(process_group) -> None:
@@ -104,7 +103,7 @@ class VocabShard:
         if mean:
             sizes = torch.tensor(self.sizes, dtype=local.dtype, device=local.device)
             columns[MEAN_LOGIT] = (sizes[:, None] * shards[..., MEAN_LOGIT]).sum(0) / self.vocab_size
-        if entropy:
+        if entropy:  # a share that underflows to 0 adds 0, not 0 * inf
             log_share = (shards[..., LSE] - lse).clamp(min=LOG_ZERO)
             columns[ENTROPY] = (log_share.exp() * (shards[..., ENTROPY] - log_share)).sum(0)
         if square:

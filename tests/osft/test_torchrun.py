@@ -146,3 +146,33 @@ def test_osft_eval_on_two_processes_writes_once(tmp_path, model_dir, data_file):
     assert done.stdout.count("eval/pass@1") == 1
     (line,) = (tmp_path / "eval.jsonl").read_text().splitlines()
     assert json.loads(line)["step"] == 0
+
+
+def test_osft_score_on_two_processes_writes_what_one_process_writes(tmp_path, model_dir, data_file):
+    """The ranks score 12 + 12 rows; the main rank writes them in the data's order. The rows are padded
+    in other batches than in one process, which moves float32 logprobs by a few ulps (measured 2e-7)."""
+    import datasets
+
+    written = {}
+    for processes in (1, 2):
+        output = tmp_path / f"scored-{processes}.parquet"
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+            if processes > 1 else []
+        done = subprocess.run([sys.executable, *launcher, "-m", "osft", "score", "/dev/null", "--output", str(output),
+                               *base_overrides(model_dir, data_file, tmp_path, "sft")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("wrote") == 1
+        written[processes] = datasets.load_dataset("parquet", data_files=str(output), split="train").to_list()
+    assert [r["prompt"] for r in written[2]] == [r["prompt"] for r in written[1]]
+    for one, two in zip(written[1], written[2]):
+        torch.testing.assert_close(torch.tensor(two["behavior_logprobs"]), torch.tensor(one["behavior_logprobs"]),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_the_demo_refuses_torchrun(monkeypatch, capsys):
+    from osft.cli import main as cli_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(["demo"]) == 2
+    assert "osft demo runs in one process" in capsys.readouterr().err
