@@ -28,6 +28,20 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_command() -> None:
+    """The ``osft`` console script and ``python -m osft``: :func:`main`, then exit with its code. A process of
+    a torchrun launch leaves without the interpreter's teardown, once its output is flushed and its files
+    are closed: with torch 2.13 such a process (gloo, FSDP2) now and then aborts in C++ destructors at
+    interpreter exit ("terminate called without an active exception", no Python frame), after its work
+    is done and its process group destroyed, which torchrun would report as a failed run."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     # -h after a command reaches that command's parser
     parser = argparse.ArgumentParser(prog="osft", description="OSFT / SFT / PEAR / GRPO training on fused losses",

@@ -4,6 +4,8 @@
 out, and fails the calling test instead of hanging when a rank does not finish in time: every rank
 then writes its Python stack to stderr (which pytest shows with the failure) and is terminated."""
 import faulthandler
+import os
+import sys
 import time
 import traceback
 
@@ -15,7 +17,10 @@ import torch.distributed as dist
 def _rank_main(rank: int, world_size: int, init_file: str, timeout: float, worker, args: tuple) -> None:
     """The worker's objects (a DDP reducer, FSDP state) are freed before the group is destroyed: a
     reducer that holds the last reference to a gloo group joins its threads with the GIL held, which
-    deadlocks when a thread is still releasing a finished collective (seen with torch 2.13)."""
+    deadlocks when a thread is still releasing a finished collective (seen with torch 2.13). A rank
+    whose worker succeeded leaves without the interpreter's teardown, as ``osft`` does under torchrun
+    (:func:`osft.cli.run_command`): with torch 2.13 a gloo/FSDP2 process now and then aborts in C++
+    destructors at interpreter exit, after the group is destroyed."""
     faulthandler.dump_traceback_later(timeout, exit=False)  # a stuck rank shows where it is stuck
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -25,6 +30,9 @@ def _rank_main(rank: int, world_size: int, init_file: str, timeout: float, worke
         raise
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker, world_size: int, tmp_path, *args, timeout: float = 180.0) -> None:
