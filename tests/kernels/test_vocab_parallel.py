@@ -20,7 +20,7 @@ from helpers.gloo_ranks import run_ranks
 
 from osft_kernels import linear_cross_entropy, linear_logprobs, linear_token_loss
 from osft_kernels.driver import VOCAB_BLOCK
-from osft_kernels.losses import grpo_loss, sft_loss
+from osft_kernels.losses import grpo_loss, pear_loss, sft_loss
 
 pytestmark = pytest.mark.slow  # spawns gloo processes
 
@@ -112,8 +112,8 @@ def test_every_rank_gets_the_whole_vocabulary_results_and_its_shard_gradients(tm
 
 def _losses_worker(rank: int, world_size: int) -> None:
     """The losses built on the ops take ``process_group`` through to them: the GRPO loss (entropy bonus,
-    per-token gradients formed in forward) and the SFT loss, against the same loss computed in one
-    process in float64."""
+    per-token gradients formed in forward), the SFT loss and the PEAR loss (sequence-level weights from
+    the pass's own logprobs), against the same losses computed in one process in float64."""
     sizes = SHARDS[world_size]
     case = make_case((3, 23), 40, sum(sizes), torch.float32, FEATURES["shift"], seed=3)
     weight, _, columns = _shard(case, sizes, rank)
@@ -126,16 +126,19 @@ def _losses_worker(rank: int, world_size: int) -> None:
     def losses(hidden, weight, **options):
         policy, _ = grpo_loss(hidden, weight, case["targets"], old, advantages, entropy_coef=0.01, shift=True,
                               temperature=temperature, **options)
-        return policy + sft_loss(hidden, weight, case["targets"], shift=True, temperature=temperature, **options)
+        pear = pear_loss(hidden, weight, case["targets"], old, level="sequence", shift=True, temperature=temperature,
+                         **options)
+        return policy + pear + sft_loss(hidden, weight, case["targets"], shift=True, temperature=temperature,
+                                        **options)
 
     hidden = case["hidden"]
     loss = losses(hidden, weight, process_group=dist.group.WORLD)
     ref_hidden, ref_weight = (p.detach().double().requires_grad_() for p in (hidden, case["weight"]))
     ref = losses(ref_hidden, ref_weight, backend="reference")
-    assert_close(loss, ref, rtol=1e-5, atol_rel=1e-5, what="grpo + sft loss")
+    assert_close(loss, ref, rtol=1e-5, atol_rel=1e-5, what="grpo + pear + sft loss")
     grads = torch.autograd.grad(loss, [hidden, weight])
     full = torch.autograd.grad(ref, [ref_hidden, ref_weight])
-    assert_grads_close(grads, [full[0], full[1][columns]], torch.float32, "grpo + sft")
+    assert_grads_close(grads, [full[0], full[1][columns]], torch.float32, "grpo + pear + sft")
 
 
 def _options_worker(rank: int, world_size: int) -> None:
