@@ -34,8 +34,10 @@ def run_command() -> None:
     are closed: with torch 2.13 such a process (gloo, FSDP2) now and then aborts in C++ destructors at
     interpreter exit ("terminate called without an active exception", no Python frame), after its work
     is done and its process group destroyed, which torchrun would report as a failed run."""
+    from .distributed import launched_processes
+
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     known, rest = parser.parse_known_args(argv)
-    if known.command == "demo" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .distributed import launched_processes
+
+    if known.command == "demo" and launched_processes() > 1:
         print("osft: osft demo runs in one process; under torchrun use osft train, eval or score", file=sys.stderr)
         return 2
     if known.command == "demo":
@@ -85,17 +89,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, config, args) -> int:
     """Runs ``command``; config, data and run-directory errors reach :func:`main` as exit code 2."""
+    from .distributed import main_process
+
     if command == "eval":
         return _evaluate(config)
     if command == "score":
         from .scoring import score_file
         written = score_file(config, Path(args.output), temperature=args.temperature)
-        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        if main_process():  # once under torchrun
             print(f"wrote {written}")
         return 0
     from .train import train
     run_dir = train(config, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+    if main_process():  # once under torchrun
         print(f"done: {run_dir}")
     return 0
 

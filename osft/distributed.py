@@ -56,6 +56,15 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
+    def concatenated(self, items: list) -> list:
+        """Every rank's ``items`` one after the other, in rank order: the inverse of :meth:`share`."""
+        return [item for share in self.gather(items) for item in share]
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        if self.size > 1:
+            dist.barrier()
+
     def broadcast(self, value):
         """The main rank's ``value`` on every rank."""
         if self.size == 1:
@@ -63,6 +72,21 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def launched_processes() -> int:
+    """How many processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_process() -> bool:
+    """Whether this is the process that speaks for a torchrun launch (``RANK`` 0; always without torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (FSDP2's sharded parameters, the norms torch computes over them), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _collective_device() -> torch.device:
@@ -76,7 +100,7 @@ def join_ranks() -> Iterator[Ranks]:
     ``LOCAL_RANK``): NCCL when there is a GPU per process (each process takes ``cuda:LOCAL_RANK``), gloo
     otherwise. The group is created here unless the caller already has one, and then destroyed on the
     way out. One process without torchrun: ``Ranks()``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_processes() == 1:
         yield Ranks()
         return
     created = not dist.is_initialized()

@@ -41,8 +41,8 @@ def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngi
     mine = ranks.share(rows)
     prompts = tokenize_prompts(mine, data, tokenizer)
     completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
-    correct = _merged(ranks, _judge(lm, config, mine, completions, n))
-    lengths = _merged(ranks, [len(c.token_ids) for c in completions])
+    correct = ranks.concatenated(_judge(lm, config, mine, completions, n))
+    lengths = ranks.concatenated([len(c.token_ids) for c in completions])
     metrics = {f"eval/pass@{k}": sum(pass_at_k(n, sum(c == 1.0 for c in per_prompt), k)
                                      for per_prompt in correct) / len(rows)
                for k in (2 ** j for j in range(int(math.log2(n)) + 1))}
@@ -52,15 +52,10 @@ def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngi
     metrics["eval/unjudged_ratio"] = sum(r is None for r in rewards) / len(rewards)
     metrics["eval/temperature"] = settings.temperature
     if settings.greedy:
-        greedy = _merged(ranks, _judge(lm, config, mine, engine.generate(prompts, temperature=0.0,
-                                                                          progress=progress), 1))
+        greedy = ranks.concatenated(_judge(lm, config, mine, engine.generate(prompts, temperature=0.0,
+                                                                             progress=progress), 1))
         metrics["eval/greedy_pass@1"] = sum(per_prompt[0] == 1.0 for per_prompt in greedy) / len(rows)
     return metrics
-
-
-def _merged(ranks: Ranks, items: list) -> list:
-    """Every rank's ``items`` concatenated in rank order (the order of the prompts they shared)."""
-    return [item for share in ranks.gather(items) for item in share]
 
 
 def _judge(lm: CausalLM, config: Config, rows: list[dict], completions, n: int) -> list[list[float | None]]:

@@ -15,6 +15,7 @@ import torch
 from rich.progress import Progress
 
 from .config import Config
+from .distributed import whole
 from .model import CausalLM, native_bfloat16
 from .packaged import resolve_model_path
 
@@ -125,7 +126,7 @@ class VLLMEngine:
     def sync_weights(self) -> None:
         """Hand the trainer's current weights to vLLM (gathered whole from FSDP2's shards: under torchrun
         every rank runs its own engine, and all of them sync at the same point)."""
-        weights = [(name, _whole(tensor.detach())) for name, tensor in self.lm.model.state_dict().items()]
+        weights = [(name, whole(tensor.detach())) for name, tensor in self.lm.model.state_dict().items()]
 
         def reload(worker, named_weights):
             worker.model_runner.reload_weights(weights_iterator=iter(named_weights))
@@ -160,10 +161,6 @@ class VLLMEngine:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (whose version counter the optimizer's updates advance), else the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class RolloutEngine(Protocol):

@@ -103,7 +103,7 @@ class Checkpoints:
         if ranks.main:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-        ranks.gather(None)  # the directory exists before any rank writes into it
+        ranks.barrier()  # the directory exists before any rank writes into it
         weights = get_model_state_dict(lm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
             if lm.sharded else None
         dcp.save(optimizer_state(lm, optimizer), checkpoint_id=temporary / OPTIMIZER_DIR)
@@ -117,7 +117,7 @@ class Checkpoints:
             temporary.rename(final)
             for old in self.all()[:-self.keep_last]:
                 shutil.rmtree(old)
-        ranks.gather(None)  # no rank moves on before the checkpoint is complete
+        ranks.barrier()  # no rank moves on before the checkpoint is complete
         return final
 
     @staticmethod

@@ -40,7 +40,7 @@ def score_file(config: Config, output: Path, *, temperature: float = 1.0) -> Pat
             logprobs = target_logprobs(lm, batch.to(device), temperature=temperature).cpu()
             for row, values, mask in zip(chunk, logprobs, batch.target_mask):
                 scored.append({**row, data.behavior_logprobs_column: values[mask].tolist()})
-        scored = [row for share in ranks.gather(scored) for row in share]
+        scored = ranks.concatenated(scored)
     if ranks.main:
         output.parent.mkdir(parents=True, exist_ok=True)
         datasets.Dataset.from_list(scored).to_parquet(str(output))

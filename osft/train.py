@@ -30,10 +30,11 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from osft_kernels import backend_name
+from osft_kernels.losses import ddp_num_items
 
 from .config import Config, ConfigError, ModelConfig, dump_config
 from .data import Sequences, load_rows, micro_batches, tokenize_prompts, tokenize_responses
-from .distributed import Ranks, check_ranks, join_ranks, shard_model
+from .distributed import Ranks, check_ranks, join_ranks, shard_model, whole
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import CausalLM, default_device, load_causal_lm
 from .recipes import RECIPES, Recipe, make_recipe
@@ -84,11 +85,6 @@ def read_back(loss, grad_norm, metrics: dict) -> tuple[float, float, dict[str, f
               for v in (loss, grad_norm, *metrics.values())]
     loss, grad_norm, *rest = torch.stack(values).tolist()
     return loss, grad_norm, dict(zip(names, rest))
-
-
-def full(value: torch.Tensor) -> torch.Tensor:
-    """A norm as a plain tensor: over FSDP2's sharded parameters, torch returns it as a DTensor."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 # batch metrics that add up over the ranks' shares; the others are means over equal shares
@@ -233,7 +229,7 @@ class Run:
         state.rollout_tokens += int(state.batch_metrics.get("completions/num_tokens", 0))
         state.updates_left = self.recipe.updates_per_batch
         # FSDP2 averages the ranks' gradients: each rank divides by the whole batch's count over their number
-        state.num_items = ranks.sum([self.recipe.num_items(state.batch)])[0] / ranks.size
+        state.num_items = ddp_num_items(self.recipe.num_items(state.batch))
 
     def step(self) -> dict[str, float]:
         """One optimizer step over the batch's micro-batches (a new batch first when the last one is
@@ -253,7 +249,7 @@ class Run:
             share = micro.num_targets / max(batch.num_targets, 1)  # token-weighted mean over micro-batches
             for name, value in micro_metrics.items():
                 loss_metrics[name] = loss_metrics.get(name, 0.0) + value * share
-        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), config.optim.max_grad_norm))
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), config.optim.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {state.step + 1}: gradient norm is {grad_norm.item()}; stopping before "
                                      f"the update (last checkpoint: {self.checkpoints.latest()})")
@@ -261,7 +257,7 @@ class Run:
         self.optimizer.step()
         # one fused norm over the weights, one sync: an update (e.g. a huge lr times weight decay) can
         # overflow them with finite gradients
-        if not torch.isfinite(full(torch.nn.utils.get_total_norm(self.lm.model.parameters()))):
+        if not torch.isfinite(whole(torch.nn.utils.get_total_norm(self.lm.model.parameters()))):
             raise FloatingPointError(f"step {state.step + 1}: the weights are not finite after the update (lr "
                                      f"{lr:g}); stopping (last checkpoint: {self.checkpoints.latest()})")
         self.scheduler.step()

@@ -55,10 +55,9 @@ def _fold_logit_scale(logit_scale, temperature, softcap) -> tuple:
     if isinstance(temperature, Tensor):
         if not temperature.is_floating_point():
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
-        temperature = temperature / logit_scale
     else:
         checks.check_positive_number("temperature", temperature)
-        temperature = temperature / logit_scale
+    temperature = temperature / logit_scale
     if softcap is not None:
         checks.check_positive_number("softcap", softcap, allow_none=True)
         softcap = softcap / logit_scale
