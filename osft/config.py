@@ -182,6 +182,9 @@ def _convert(value, kind, key: str):
                 raise ConfigError(f"{key} must be {allowed.says}, got {value!r}")
         return value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML reads off/on, no/yes as booleans: the word is meant
+            value = next((word for word in typing.get_args(kind) if isinstance(word, str)
+                          and word in (("on", "yes", "true") if value else ("off", "no", "false"))), value)
         if value not in typing.get_args(kind):
             raise ConfigError(f"{key} must be one of {list(typing.get_args(kind))}, got {value!r}")
         return value

@@ -55,6 +55,13 @@ def test_config_values_and_overrides(tmp_path, model_dir, data_file):
     on = load_config(None, [*base_overrides(model_dir, data_file, tmp_path, "grpo"), "grpo.is_cap=2",
                             "grpo.dual_clip=3"])
     assert (off.grpo.is_cap, off.grpo.dual_clip) == (None, None) and (on.grpo.is_cap, on.grpo.dual_clip) == (2.0, 3.0)
+    # YAML reads a bare off as false: a choice spelled off is still meant
+    assert load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.autocast=off"]).rollout.autocast \
+        == "off"
+    (tmp_path / "off.yaml").write_text("rollout:\n  autocast: off\n")
+    assert load_config(tmp_path / "off.yaml", base_overrides(model_dir, data_file, tmp_path)).rollout.autocast == "off"
+    with pytest.raises(ConfigError, match=r"rollout.engine must be one of \['hf', 'vllm'\], got False"):
+        load_config(None, [*base_overrides(model_dir, data_file, tmp_path), "rollout.engine=off"])
 
 
 def test_config_requires_model_and_data(tmp_path):
