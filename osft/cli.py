@@ -120,9 +120,9 @@ def _evaluate(config) -> int:
     with join_ranks() as ranks:  # under torchrun each process judges a share of the prompts
         seed_everything(config.seed + ranks.rank)
         lm = load_causal_lm(config.model, default_device())
-        metrics = evaluate(lm, config, load_eval_rows(config), ranks=ranks)
+        evaluation = evaluate(lm, config, load_eval_rows(config), ranks=ranks)
     if ranks.main:
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-        append_eval(Path(config.run_dir) / "eval.jsonl", 0, metrics)
-        print(json.dumps(metrics, indent=1))
+        append_eval(Path(config.run_dir) / "eval.jsonl", 0, evaluation)
+        print(json.dumps(evaluation.metrics, indent=1))
     return 0

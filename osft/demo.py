@@ -1,22 +1,29 @@
-"""``osft demo``: OSFT against GRPO from the same pretrained model on the built-in math task.
+"""``osft demo``: the three recipes from the same pretrained model on the built-in math task, with 95%
+intervals on every score.
 
 1. Write the task (:mod:`osft.tasks`) into ``run_dir/task`` and evaluate the base model on the
    held-out prompts: pass@1 and pass@k at temperature 1 (``eval_samples`` per prompt, unbiased
-   estimator), greedy pass@1, and the mean response length.
+   estimator), greedy pass@1 and the mean response length, each score with its 95% interval.
 2. OSFT: one rollout per prompt at ``tau_s``, trained at ``tau_t = 1``, no reward.
-3. GRPO: ``num_generations`` rollouts per prompt, math reward, group-normalized advantages, from the
-   same base model, stopped once it has generated as many tokens as OSFT did (the same rollout
-   budget; each step uses as many rollouts as an OSFT step).
+3. GRPO from the same base (``num_generations`` rollouts per prompt, math reward, group-normalized
+   advantages), twice: with OSFT's generated-token budget, and with OSFT's optimizer steps and prompts.
 4. Optionally the coupled ablation, OSFT with ``tau_s = tau_t = 1``, whose expected gradient is zero.
 
-Every recipe is evaluated every ``eval_every`` steps and at its end. Writes ``results.json``,
-``accuracy.png`` and ``table.md`` into ``run_dir`` and prints the table. Seeds are fixed, so the same
-settings give the same table.
+``--pear`` runs the PEAR pipeline instead: the base model prompted with worked examples (the behavior
+policy) writes solutions of the training prompts, recording the logprob of every token it samples;
+SFT and PEAR (token, block and sequence level) train on them from the base model, and the same GRPO
+stage follows each of them.
+
+Trained rows are repeated over ``seeds`` seeds (training seed ``seed + i``; the task and the base
+model's evaluation use ``seed``). Every row is evaluated every ``eval_every`` steps and at its end.
+Writes ``results.json`` (every prompt's counts included), ``accuracy.png`` and ``table.md`` into
+``run_dir`` and prints the tables. The same settings give the same tables.
 """
 import argparse
 import json
 import math
 import platform
+import shutil
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -27,29 +34,43 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from osft_kernels import backend_name
 
+from .behavior import sample_behavior_data
 from .config import Config, RolloutConfig, config_from_dict
+from .demo_report import format_comparisons, format_table, plot_curves
 from .evaluate import append_eval, evaluate, load_eval_rows
 from .model import default_device, load_causal_lm
 from .packaged import resolve_model_path
-from .rollout import generation_autocast
-from .tasks import MAX_DIFFICULTY, write_task
+from .rollout import generation_autocast, make_engine
+from .run_dir import Checkpoints
+from .tasks import MAX_DIFFICULTY, generate_task, write_task
 from .train import seed_everything, train
 
 _HELP = {
     "model": "a packaged model (smollm2-135m, gemma3-270m) or a local transformers directory",
-    "run_dir": "where the task, each recipe's run, results.json, table.md and accuracy.png go",
-    "seed": "seeds the task, the sampling and the training",
+    "run_dir": "where the task, each row's runs, results.json, table.md and accuracy.png go",
+    "seed": "seeds the task, the base model's evaluation and the first training seed",
+    "seeds": "training seeds per trained row (seed, seed + 1, ...): mean and spread over them",
     "difficulty": "the task's difficulty: 1 + N operations, larger operands every 2 levels",
-    "train_prompts": "OSFT's training prompts (one rollout each); GRPO gets the same generated-token budget",
+    "train_prompts": "training prompts (OSFT: one rollout each); the GRPO rows get OSFT's tokens or steps",
     "eval_prompts": "held-out prompts",
     "eval_samples": "completions per held-out prompt at temperature 1 (pass@1 .. pass@N)",
-    "prompts_per_step": "OSFT prompts per optimizer step (GRPO: this / num_generations prompts)",
+    "prompts_per_step": "prompts per optimizer step (OSFT, SFT, PEAR and equal-steps GRPO; equal-token GRPO: "
+                        "this / num_generations prompts)",
     "num_generations": "GRPO rollouts per prompt",
     "tau_s": "OSFT's sampling temperature (training temperature tau_t = 1)",
-    "lr": "AdamW learning rate of both recipes",
-    "max_new_tokens": "response length limit (longer responses are cut and get no loss)",
+    "lr": "AdamW learning rate of OSFT, SFT and PEAR",
+    "grpo_lr": "AdamW learning rate of GRPO",
+    "grpo_temperature": "GRPO's sampling and training temperature",
+    "max_new_tokens": "response length limit of every rollout and evaluation (longer ones are cut, no loss)",
     "eval_every": "evaluate every N steps (0: only at the end)",
     "ablation": "also run OSFT with tau_s = tau_t = 1",
+    "pear": "run the PEAR pipeline: behavior data, SFT and PEAR (token, block, sequence), then GRPO from each",
+    "behavior_examples": "--pear: worked examples in the behavior policy's prompt",
+    "behavior_samples": "--pear: behavior solutions sampled per training prompt (correct, complete ones kept)",
+    "behavior_temperature": "--pear: the behavior policy's sampling temperature",
+    "behavior_keep": "--pear: the behavior samples kept as training data: correct (judged right and complete) "
+                     "or complete (every one that ends within max_new_tokens)",
+    "rl_steps": "--pear: optimizer steps of the GRPO stage after SFT and each PEAR level",
     "backend": "the fused loss's backend: auto, torch, triton, reference",
     "autocast": "generation (rollouts and evaluation) under bfloat16 autocast: bfloat16, off, or auto (where "
                 "the hardware multiplies bfloat16 natively: AVX512-BF16 or AMX CPUs, CUDA GPUs)",
@@ -58,12 +79,12 @@ _HELP = {
 
 @dataclass
 class DemoSettings:
-    """The demo's knobs (see ``_HELP``); the defaults take 7-10 minutes on 2 CPU cores (bfloat16 or
-    float32 generation)."""
+    """The demo's knobs (see ``_HELP``)."""
 
     model: str = "smollm2-135m"
     run_dir: str = "runs/demo"
     seed: int = 0
+    seeds: int = 1
     difficulty: int = 0
     train_prompts: int = 48
     eval_prompts: int = 24
@@ -72,35 +93,50 @@ class DemoSettings:
     num_generations: int = 4
     tau_s: float = 0.6
     lr: float = 2e-5
+    grpo_lr: float = 1e-4
+    grpo_temperature: float = 1.0
     max_new_tokens: int = 96
     eval_every: int = 3
     ablation: bool = False
+    pear: bool = False
+    behavior_examples: int = 2
+    behavior_samples: int = 4
+    behavior_temperature: float = 1.0
+    behavior_keep: str = "correct"
+    rl_steps: int = 6
     backend: str = "auto"
     autocast: str = "auto"
 
     def __post_init__(self):
-        for name in ("train_prompts", "eval_prompts", "eval_samples", "prompts_per_step", "max_new_tokens"):
+        for name in ("seeds", "train_prompts", "eval_prompts", "eval_samples", "prompts_per_step", "max_new_tokens",
+                     "behavior_examples", "behavior_samples", "rl_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 <= self.difficulty <= MAX_DIFFICULTY:
             raise ValueError(f"--difficulty must be in [0, {MAX_DIFFICULTY}], got {self.difficulty}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed must be in [0, 2**32) (what the RNG seeding functions accept), got {self.seed}")
+        if not (0 <= self.seed and self.seed + self.seeds <= 2**32):
+            raise ValueError(f"--seed .. --seed + --seeds - 1 must lie in [0, 2**32) (what the RNG seeding "
+                             f"functions accept), got {self.seed} and {self.seeds}")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations must be >= 2 (GRPO compares rollouts within a group), "
                              f"got {self.num_generations}")
         if not 0 < self.tau_s <= 1:
             raise ValueError(f"--tau-s must be in (0, 1] (OSFT samples at or below tau_t = 1), got {self.tau_s}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("lr", "grpo_lr", "grpo_temperature", "behavior_temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         if self.autocast not in typing.get_args(typing.get_type_hints(RolloutConfig)["autocast"]):
             raise ValueError(f"--autocast must be auto, bfloat16 or off, got {self.autocast!r}")
+        if self.behavior_keep not in ("correct", "complete"):
+            raise ValueError(f"--behavior-keep must be correct or complete, got {self.behavior_keep!r}")
+        if self.pear and self.ablation:
+            raise ValueError("--ablation belongs to the OSFT comparison; run it without --pear")
 
 
 def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir: Path, **changes) -> Config:
-    """The training config of one demo recipe, checked like any config; ``changes`` to dotted keys."""
+    """The training config of one demo run, checked like any config; ``changes`` to dotted keys."""
     data = {"recipe": recipe, "run_dir": str(Path(settings.run_dir) / recipe), "seed": settings.seed,
             "resume": "never", "keep_last": 0, "prompts_per_step": settings.prompts_per_step,
             "max_steps": math.ceil(settings.train_prompts / settings.prompts_per_step),
@@ -110,135 +146,203 @@ def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir
                         "mask_truncated_completions": True, "autocast": settings.autocast},
             "optim": {"lr": settings.lr, "weight_decay": 0.0, "micro_batch_tokens": 4096},
             "osft": {"tau_s_start": settings.tau_s, "tau_s_end": settings.tau_s, "tau_t": 1.0},
-            "grpo": {"num_generations": settings.num_generations, "temperature": 1.0},
+            "grpo": {"num_generations": settings.num_generations, "temperature": settings.grpo_temperature},
             "eval": {"data": str(task_dir / "eval.jsonl"), "every": settings.eval_every,
                      "samples": settings.eval_samples, "temperature": 1.0, "greedy": True, "at_start": False}}
-    return config_from_dict(data, changes)
+    return config_from_dict(data, {**({"optim.lr": settings.grpo_lr} if recipe == "grpo" else {}), **changes})
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
-    """Run the demo; returns (and writes) the results."""
-    started = time.perf_counter()
-    run_dir = Path(settings.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = default_device()
-    backend = backend_name(settings.backend, device)
-    model_path = resolve_model_path(settings.model)
-    task_dir = run_dir / "task"
-    write_task(task_dir, seed=settings.seed, train_size=settings.train_prompts, eval_size=settings.eval_prompts,
-               difficulty=settings.difficulty)
-    print(f"model {settings.model} ({model_path}) on {device.type}, fused loss backend: {backend}; "
-          f"task: {settings.train_prompts} train / {settings.eval_prompts} eval prompts, "
-          f"difficulty {settings.difficulty}")
+class Demo:
+    """One demo invocation: the task, the base model's evaluation, and the results its rows add up to."""
 
-    results = {"settings": asdict(settings), "device": device.type, "cpu": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "loss_backend": backend, "recipes": {}}
-    base_config = recipe_config(settings, "osft", model_path, task_dir, run_dir=str(run_dir / "base"))
-    phase = time.perf_counter()
-    seed_everything(settings.seed)
-    lm = load_causal_lm(base_config.model, device)
-    generation = generation_autocast(lm.model, settings.autocast) or lm.model.dtype
-    results["generation_dtype"] = str(generation).removeprefix("torch.")
-    print(f"generation in {results['generation_dtype']}, training in {str(lm.model.dtype).removeprefix('torch.')}, "
-          f"attention {lm.attention}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
-        print("base model: evaluating")
-        base = evaluate(lm, base_config, load_eval_rows(base_config), progress=bar)
-    del lm
-    Path(base_config.run_dir).mkdir(parents=True, exist_ok=True)
-    append_eval(Path(base_config.run_dir) / "eval.jsonl", 0, base)
-    results["recipes"]["base"] = {"curve": [{"step": 0, **base}], "final": base, "steps": 0, "rollout_tokens": 0,
-                                  "seconds": time.perf_counter() - phase}
+    def __init__(self, settings: DemoSettings, progress: bool):
+        self.settings, self.progress = settings, progress
+        self.started = time.perf_counter()
+        self.run_dir = Path(settings.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = default_device()
+        self.model_path = resolve_model_path(settings.model)
+        self.task_dir = self.run_dir / "task"
+        write_task(self.task_dir, seed=settings.seed, train_size=settings.train_prompts,
+                   eval_size=settings.eval_prompts, difficulty=settings.difficulty)
+        backend = backend_name(settings.backend, self.device)
+        print(f"model {settings.model} ({self.model_path}) on {self.device.type} "
+              f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), fused loss "
+              f"backend: {backend}; task: {settings.train_prompts} train / {settings.eval_prompts} eval prompts, "
+              f"difficulty {settings.difficulty}; seeds {settings.seed}..{settings.seed + settings.seeds - 1}")
+        self.results = {"settings": asdict(settings), "device": self.device.type,
+                        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "loss_backend": backend, "recipes": {}, "comparisons": []}
 
-    def run(name: str, config: Config) -> None:
-        print(f"{name}: {config.recipe}, lr {config.optim.lr:g}")
+    def config(self, recipe: str, name: str, seed: int, **changes) -> Config:
+        return recipe_config(self.settings, recipe, self.model_path, self.task_dir, seed=seed,
+                             run_dir=str(self.run_dir / name / f"seed-{seed}"), **changes)
+
+    def row(self, name: str, label: str, starts_from: str | None = None) -> None:
+        self.results["recipes"][name] = {"label": label, "runs": []}
+        if starts_from:
+            self.results["recipes"][name]["starts_from"] = starts_from
+
+    def evaluate_base(self) -> None:
+        """The base model's row: one evaluation with ``seed``; also loads the behavior policy for ``--pear``."""
+        settings = self.settings
+        config = self.config("osft", "base", settings.seed)
         phase = time.perf_counter()
-        train(config, progress=progress)
-        curve = [{"step": 0, **base}] + _read_jsonl(Path(config.run_dir) / "eval.jsonl")
-        metrics = _read_jsonl(Path(config.run_dir) / "metrics.jsonl")
-        results["recipes"][name] = {"curve": curve, "final": curve[-1], "steps": metrics[-1]["step"],
-                                    "rollout_tokens": metrics[-1]["rollout_tokens"],
-                                    "seconds": time.perf_counter() - phase}
+        seed_everything(settings.seed)
+        lm = load_causal_lm(config.model, self.device)
+        generation = generation_autocast(lm.model, settings.autocast) or lm.model.dtype
+        self.results["generation_dtype"] = str(generation).removeprefix("torch.")
+        print(f"generation in {self.results['generation_dtype']}, training in "
+              f"{str(lm.model.dtype).removeprefix('torch.')}, attention {lm.attention}")
+        engine = make_engine(lm, config)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not self.progress) as bar:
+            print("base model: evaluating")
+            evaluation = evaluate(lm, config, load_eval_rows(config), engine, progress=bar)
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        append_eval(Path(config.run_dir) / "eval.jsonl", 0, evaluation)
+        final = {"step": 0, **evaluation.metrics, "per_prompt": evaluation.per_prompt}
+        self.row("base", "base model")
+        self.results["recipes"]["base"]["runs"].append(
+            {"seed": settings.seed, "curve": [final], "final": final, "steps": 0, "rollout_tokens": 0,
+             "seconds": time.perf_counter() - phase})
+        if settings.pear:
+            self.write_behavior_data(lm, config, engine)
 
-    run("osft", recipe_config(settings, "osft", model_path, task_dir))
-    group_prompts = max(1, settings.prompts_per_step // settings.num_generations)
-    run("grpo", recipe_config(settings, "grpo", model_path, task_dir, prompts_per_step=group_prompts,
-                              # a cap only: the token budget ends the run (unless GRPO's responses are
-                              # num_generations times shorter than OSFT's)
-                              max_steps=math.ceil(settings.train_prompts * settings.num_generations / group_prompts),
-                              max_rollout_tokens=results["recipes"]["osft"]["rollout_tokens"]))
+    def write_behavior_data(self, lm, config: Config, engine) -> None:
+        """``run_dir/behavior.jsonl``: the base model prompted with worked examples (rows of the task generated
+        after the train and held-out ones) solves the training prompts."""
+        settings = self.settings
+        rows = [json.loads(line) for line in (self.task_dir / "train.jsonl").read_text().splitlines()]
+        examples = generate_task(settings.seed, train_size=settings.train_prompts + settings.eval_prompts,
+                                 eval_size=settings.behavior_examples, difficulty=settings.difficulty)[1]
+        phase = time.perf_counter()
+        print(f"behavior policy: {settings.behavior_examples} worked examples, T={settings.behavior_temperature:g}, "
+              f"{settings.behavior_samples} samples per training prompt")
+        data = sample_behavior_data(lm, config, engine, rows, examples, samples=settings.behavior_samples,
+                                    temperature=settings.behavior_temperature, keep=settings.behavior_keep)
+        if not data.rows:
+            raise RuntimeError(f"the behavior policy left none of {data.sampled} samples ({data.truncated} cut, "
+                               f"{data.wrong} wrong, {data.not_retokenized} not re-tokenizing): nothing to train "
+                               "on; raise --behavior-samples or --max-new-tokens")
+        (self.run_dir / "behavior.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data.rows))
+        self.results["behavior"] = {"examples": examples, "sampled": data.sampled, "kept": data.kept,
+                                    "truncated": data.truncated, "wrong": data.wrong,
+                                    "not_retokenized": data.not_retokenized, "seconds": time.perf_counter() - phase}
+        print(f"behavior data: kept {data.kept} of {data.sampled} ({data.truncated} cut, {data.wrong} wrong, "
+              f"{data.not_retokenized} not re-tokenizing)")
+
+    def train_row(self, name: str, config: Config, start: dict) -> dict:
+        """Train ``config`` into row ``name``; its curve starts at ``start`` (the evaluation it starts from)."""
+        print(f"{name} (seed {config.seed}): {config.recipe}, lr {config.optim.lr:g}")
+        phase = time.perf_counter()
+        train(config, progress=self.progress)
+        run_dir = Path(config.run_dir)
+        curve = [{**start, "step": 0}] + _read_jsonl(run_dir / "eval.jsonl")
+        metrics = _read_jsonl(run_dir / "metrics.jsonl")
+        run = {"seed": config.seed, "curve": curve, "final": curve[-1], "steps": metrics[-1]["step"],
+               "rollout_tokens": metrics[-1]["rollout_tokens"], "seconds": time.perf_counter() - phase}
+        if config.recipe == "grpo":
+            run["rewards"] = [m["reward"] for m in metrics]
+        self.results["recipes"][name]["runs"].append(run)
+        return run
+
+    def finish(self) -> dict:
+        self.results["seconds"] = time.perf_counter() - self.started
+        (self.run_dir / "results.json").write_text(json.dumps(self.results, indent=1))
+        (self.run_dir / "table.md").write_text(report(self.results) + "\n")
+        plot_curves(self.results, self.run_dir / "accuracy.png")
+        return self.results
+
+
+def _grpo_label(settings: DemoSettings, budget: str) -> str:
+    return (f"GRPO, {budget} (G={settings.num_generations}, lr {settings.grpo_lr:g}, "
+            f"T={settings.grpo_temperature:g})")
+
+
+def run_demo(settings: DemoSettings, *, progress: bool = True) -> dict:
+    """Run the demo (``settings.pear``: the PEAR pipeline); returns (and writes) the results."""
+    demo = Demo(settings, progress)
+    demo.evaluate_base()
+    (run_pear if settings.pear else run_osft_grpo)(demo)
+    return demo.finish()
+
+
+def run_osft_grpo(demo: Demo) -> None:
+    """OSFT, GRPO at OSFT's generated tokens, GRPO at OSFT's steps and prompts (and the coupled ablation)."""
+    settings, base = demo.settings, demo.results["recipes"]["base"]["runs"][0]["final"]
+    demo.row("osft", f"OSFT (tau_s={settings.tau_s:g}, tau_t=1)")
+    demo.row("grpo_tokens", _grpo_label(settings, "OSFT's generated tokens"))
+    demo.row("grpo_steps", _grpo_label(settings, "OSFT's steps and prompts"))
     if settings.ablation:
-        run("osft_coupled", recipe_config(settings, "osft", model_path, task_dir, run_dir=str(run_dir / "osft_coupled"),
-                                          **{"osft.tau_s_start": 1.0, "osft.tau_s_end": 1.0}))
-    results["seconds"] = time.perf_counter() - started
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    table = format_table(results)
-    (run_dir / "table.md").write_text(table + "\n")
-    plot_curves(results, run_dir / "accuracy.png")
-    return results
+        demo.row("osft_coupled", "OSFT coupled (tau_s=tau_t=1)")
+    steps = math.ceil(settings.train_prompts / settings.prompts_per_step)
+    group_prompts = max(1, settings.prompts_per_step // settings.num_generations)
+    for seed in range(settings.seed, settings.seed + settings.seeds):
+        osft = demo.train_row("osft", demo.config("osft", "osft", seed), base)
+        # each step uses as many rollouts as an OSFT step; the token budget ends the run (the step cap only
+        # guards against responses num_generations times shorter than OSFT's)
+        demo.train_row("grpo_tokens", demo.config("grpo", "grpo_tokens", seed, prompts_per_step=group_prompts,
+                                                  max_steps=steps * settings.num_generations,
+                                                  max_rollout_tokens=osft["rollout_tokens"]), base)
+        demo.train_row("grpo_steps", demo.config("grpo", "grpo_steps", seed), base)
+        if settings.ablation:
+            demo.train_row("osft_coupled", demo.config("osft", "osft_coupled", seed,
+                                                       **{"osft.tau_s_start": 1.0, "osft.tau_s_end": 1.0}), base)
+    demo.results["comparisons"] = [["osft", "base"], ["grpo_tokens", "base"], ["grpo_steps", "base"],
+                                   ["osft", "grpo_tokens"], ["osft", "grpo_steps"]] + \
+        ([["osft", "osft_coupled"]] if settings.ablation else [])
 
 
-_LABELS = {"base": "base model", "osft": "OSFT (tau_s={tau_s}, tau_t=1)", "grpo": "GRPO ({n} rollouts/prompt)",
-           "osft_coupled": "OSFT coupled (tau_s=tau_t=1)"}
+PEAR_LEVELS = ("token", "block", "sequence")
 
 
-def _label(name: str, settings: dict) -> str:
-    return _LABELS[name].format(tau_s=settings["tau_s"], n=settings["num_generations"])
+def run_pear(demo: Demo) -> None:
+    """SFT and PEAR at each level on the behavior data from the base model (one epoch), then the same GRPO
+    stage (``rl_steps`` steps of OSFT's prompts per step) from each one's final weights."""
+    settings, base = demo.settings, demo.results["recipes"]["base"]["runs"][0]["final"]
+    offline = {"sft": ("sft", {}, "SFT")}
+    offline.update({f"pear_{level}": ("pear", {"pear.level": level}, f"PEAR, {level} level")
+                    for level in PEAR_LEVELS})
+    for name, (_, _, label) in offline.items():
+        demo.row(name, f"{label} on the behavior data")
+    for name, (_, _, label) in offline.items():
+        demo.row(f"{name}+grpo", f"{label}, then GRPO ({settings.rl_steps} steps)", starts_from=name)
+    rows = len((demo.run_dir / "behavior.jsonl").read_text().splitlines())
+    for seed in range(settings.seed, settings.seed + settings.seeds):
+        for name, (recipe, changes, _) in offline.items():
+            config = demo.config(recipe, name, seed, keep_last=1, max_steps=math.ceil(rows / settings.prompts_per_step),
+                                 **{"data.train": str(demo.run_dir / "behavior.jsonl")}, **changes)
+            start = demo.train_row(name, config, base)
+            checkpoints = Checkpoints(Path(config.run_dir), 1)
+            demo.train_row(f"{name}+grpo", demo.config("grpo", f"{name}+grpo", seed, max_steps=settings.rl_steps,
+                                                       **{"model.path": str(checkpoints.latest())}), start["final"])
+            shutil.rmtree(checkpoints.root)  # 1.6 GB each for the 135M model, with the optimizer state
+    demo.results["comparisons"] = (
+        [[name, "base"] for name in offline] + [[f"pear_{level}", "sft"] for level in PEAR_LEVELS]
+        + [[f"{name}+grpo", name] for name in offline]
+        + [[f"pear_{level}+grpo", "sft+grpo"] for level in PEAR_LEVELS])
 
 
-def format_table(results: dict) -> str:
-    """A markdown table of the final evaluation of each recipe (no timings: the same seed gives the same table)."""
-    settings = results["settings"]
-    k = settings["eval_samples"]
-    lines = [f"| recipe | steps | generated tokens | pass@1 (T=1) | greedy pass@1 | pass@{k} (T=1) | mean length |",
-             "|---|---|---|---|---|---|---|"]
-    for name, entry in results["recipes"].items():
-        final = entry["final"]
-        lines.append(f"| {_label(name, settings)} | {entry['steps']} | {entry['rollout_tokens']} | "
-                     f"{final['eval/pass@1']:.3f} | {final['eval/greedy_pass@1']:.3f} | "
-                     f"{final[f'eval/pass@{k}']:.3f} | "
-                     f"{final['eval/mean_length']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot_curves(results: dict, path: Path) -> None:
-    """pass@1 at T=1 (solid) and greedy pass@1 (dashed) against the optimizer step, one colour per recipe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for index, (name, entry) in enumerate(results["recipes"].items()):
-        if name == "base":
-            continue
-        colour = f"C{index}"
-        steps = [point["step"] for point in entry["curve"]]
-        label = _label(name, results["settings"])
-        axis.plot(steps, [p["eval/pass@1"] for p in entry["curve"]], "o-", color=colour, label=f"{label}: pass@1 T=1")
-        axis.plot(steps, [p["eval/greedy_pass@1"] for p in entry["curve"]], "s--", color=colour, alpha=0.6,
-                  label=f"{label}: greedy")
-    settings = results["settings"]
-    axis.set_xlabel("optimizer step (every step uses the same number of rollouts)")
-    axis.set_ylabel(f"accuracy on {settings['eval_prompts']} held-out prompts")
-    axis.set_title(f"{settings['model']} on the built-in math task (seed {settings['seed']}, {results['device']})")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def report(results: dict) -> str:
+    """The scores table and the differences table."""
+    return (format_table(results) + "\n\nDifferences (95% intervals over the held-out prompts and the seeds; "
+            "bold: significant):\n\n" + format_comparisons(results))
 
 
 def _quiet_libraries() -> None:
-    """The demo draws its own progress bars; silence the loaders' per-file bars and notices."""
+    """The demo draws its own progress bars; silence the loaders' per-file bars and notices, and the note
+    that the optimizer state of ``--pear``'s intermediate checkpoints is written by one process."""
+    import warnings
+
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -264,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     results = run_demo(settings, progress=progress)
     print()
-    print(format_table(results))
+    print(report(results))
     print()
+    if "behavior" in results:
+        print(f"behavior data: {results['behavior']['seconds']:.0f} s")
     for name, entry in results["recipes"].items():
-        print(f"{name}: {entry['seconds']:.0f} s")
+        print(f"{name}: " + ", ".join(f"{run['seconds']:.0f} s" for run in entry["runs"]))
     print(f"total {results['seconds'] / 60:.1f} min; wrote {Path(settings.run_dir) / 'results.json'}, table.md, "
           f"accuracy.png")
     return 0

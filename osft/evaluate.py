@@ -1,7 +1,9 @@
 """Evaluation: sample ``n`` completions per held-out prompt at a stated temperature, judge them with
-a reward, and report pass@k (the unbiased estimator of Chen et al. 2021) and avg@n."""
+a reward, and report pass@k (the unbiased estimator of Chen et al. 2021) and avg@n, each pass@k with
+its 95% interval over the prompts (:mod:`osft.intervals`), and every prompt's counts."""
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from rich.progress import Progress
 from .config import Config
 from .data import load_rows, prompt_text, tokenize_prompts
 from .distributed import Ranks
+from .intervals import score_interval
 from .model import CausalLM
 from .rewards import REWARDS
 from .rollout import RolloutEngine, make_engine
@@ -27,35 +30,56 @@ def load_eval_rows(config: Config) -> list[dict]:
     return rows[:config.eval.max_prompts] if config.eval.max_prompts else rows
 
 
+@dataclass
+class Evaluation:
+    """``metrics``: the scalars (see :func:`evaluate`); ``per_prompt``: ``correct`` (correct completions of
+    each prompt, of ``samples``) and, with ``eval.greedy``, ``greedy`` (1 where its greedy completion is)."""
+
+    metrics: dict[str, float]
+    per_prompt: dict[str, list[int]]
+
+
+def prompt_scores(per_prompt: dict[str, list[int]], samples: int) -> dict[str, list[float]]:
+    """Every prompt's ``eval/pass@k`` (k = 1, 2, 4, ... <= ``samples``) and ``eval/greedy_pass@1``."""
+    scores = {f"eval/pass@{k}": [pass_at_k(samples, correct, k) for correct in per_prompt["correct"]]
+              for k in (2 ** j for j in range(int(math.log2(samples)) + 1))}
+    if "greedy" in per_prompt:
+        scores["eval/greedy_pass@1"] = [float(correct) for correct in per_prompt["greedy"]]
+    return scores
+
+
 @torch.no_grad()
 def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngine | None = None,
-             progress: Progress | None = None, ranks: Ranks = Ranks()) -> dict[str, float]:
-    """``eval/pass@k`` for k = 1, 2, 4, ... <= n, ``eval/avg@n`` (mean reward over all samples),
-    ``eval/mean_length`` and ``eval/unjudged_ratio`` (completions the reward could not judge, counted wrong);
-    with ``eval.greedy`` also ``eval/greedy_pass@1``. Generates with ``engine`` (default: a new
-    ``rollout.engine`` engine of ``lm``); ``progress``: a rich Progress to show generation on. With
-    several ``ranks``, each judges its share of the prompts and every rank returns the merged metrics."""
+             progress: Progress | None = None, ranks: Ranks = Ranks()) -> Evaluation:
+    """``eval/pass@k`` for k = 1, 2, 4, ... <= n, each with ``eval/pass@k_low`` and ``_high`` (95%),
+    ``eval/avg@n`` (mean reward over all samples), ``eval/mean_length`` and ``eval/unjudged_ratio``
+    (completions the reward could not judge, counted wrong); with ``eval.greedy`` also
+    ``eval/greedy_pass@1`` (and its interval). Generates with ``engine`` (default: a new ``rollout.engine``
+    engine of ``lm``); ``progress``: a rich Progress to show generation on. With several ``ranks``, each
+    judges its share of the prompts and every rank returns the merged evaluation."""
     settings, data, tokenizer = config.eval, config.data, lm.tokenizer
     n = settings.samples
     engine = engine if engine is not None else make_engine(lm, config)
     mine = ranks.share(rows)
     prompts = tokenize_prompts(mine, data, tokenizer)
     completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
-    correct = ranks.concatenated(_judge(lm, config, mine, completions, n))
+    rewards = ranks.concatenated(_judge(lm, config, mine, completions, n))
     lengths = ranks.concatenated([len(c.token_ids) for c in completions])
-    metrics = {f"eval/pass@{k}": sum(pass_at_k(n, sum(c == 1.0 for c in per_prompt), k)
-                                     for per_prompt in correct) / len(rows)
-               for k in (2 ** j for j in range(int(math.log2(n)) + 1))}
-    rewards = [r for per_prompt in correct for r in per_prompt]
-    metrics[f"eval/avg@{n}"] = sum(r or 0.0 for r in rewards) / len(rewards)
-    metrics["eval/mean_length"] = sum(lengths) / len(lengths)
-    metrics["eval/unjudged_ratio"] = sum(r is None for r in rewards) / len(rewards)
-    metrics["eval/temperature"] = settings.temperature
+    per_prompt = {"correct": [sum(r == 1.0 for r in per_row) for per_row in rewards]}
     if settings.greedy:
         greedy = ranks.concatenated(_judge(lm, config, mine, engine.generate(prompts, temperature=0.0,
                                                                              progress=progress), 1))
-        metrics["eval/greedy_pass@1"] = sum(per_prompt[0] == 1.0 for per_prompt in greedy) / len(rows)
-    return metrics
+        per_prompt["greedy"] = [int(per_row[0] == 1.0) for per_row in greedy]
+    metrics = {}
+    for name, scores in prompt_scores(per_prompt, n).items():
+        estimate = score_interval(scores, 1 if name == "eval/greedy_pass@1" else n)
+        metrics.update({name: estimate.mean, f"{name}_low": estimate.low, f"{name}_high": estimate.high})
+    flat = [r for per_row in rewards for r in per_row]
+    metrics[f"eval/avg@{n}"] = sum(r or 0.0 for r in flat) / len(flat)
+    metrics["eval/mean_length"] = sum(lengths) / len(lengths)
+    metrics["eval/unjudged_ratio"] = sum(r is None for r in flat) / len(flat)
+    metrics["eval/temperature"] = settings.temperature
+    return Evaluation(metrics, per_prompt)
 
 
 def _judge(lm: CausalLM, config: Config, rows: list[dict], completions, n: int) -> list[list[float | None]]:
@@ -68,6 +92,7 @@ def _judge(lm: CausalLM, config: Config, rows: list[dict], completions, n: int) 
     return [rewards[i * n:(i + 1) * n] for i in range(len(rows))]
 
 
-def append_eval(path: Path, step: int, metrics: dict[str, float]) -> None:
+def append_eval(path: Path, step: int, evaluation: Evaluation) -> None:
+    """One line of ``eval.jsonl``: the step, the metrics and ``per_prompt``."""
     with open(path, "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+        f.write(json.dumps({"step": step, **evaluation.metrics, "per_prompt": evaluation.per_prompt}) + "\n")

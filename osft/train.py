@@ -355,11 +355,11 @@ def _run(config: Config, run_dir: Path, progress: bool, ranks: Ranks = Ranks()) 
         if ranks.main else None
     try:
         def run_evaluation(at_step: int, bar: Progress) -> None:
-            results = evaluate(run.lm, config, run.eval_rows, run.engine, progress=bar if progress else None,
-                               ranks=ranks)
+            evaluation = evaluate(run.lm, config, run.eval_rows, run.engine, progress=bar if progress else None,
+                                  ranks=ranks)
             if log is not None:
-                append_eval(run_dir / EVAL_FILE, at_step, results)
-                log.write(at_step, results, to_file=False)
+                append_eval(run_dir / EVAL_FILE, at_step, evaluation)
+                log.write(at_step, evaluation.metrics, to_file=False)
             run.lm.model.train()
 
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),

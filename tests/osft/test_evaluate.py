@@ -36,6 +36,11 @@ def test_evaluation_before_during_and_after_training(tmp_path, model_dir, data_f
         assert {"eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/avg@4", "eval/mean_length"} <= set(line)
         assert 0 <= line["eval/pass@1"] <= line["eval/pass@2"] <= line["eval/pass@4"] <= 1
         assert line["eval/pass@1"] == pytest.approx(line["eval/avg@4"])  # no unjudged completions here
+        correct = line["per_prompt"]["correct"]
+        assert len(correct) == 3 and line["eval/pass@1"] == pytest.approx(sum(correct) / 12)
+        assert line["eval/pass@4"] == pytest.approx(sum(c > 0 for c in correct) / 3)
+        for k in (1, 2, 4):
+            assert 0 <= line[f"eval/pass@{k}_low"] <= line[f"eval/pass@{k}"] <= line[f"eval/pass@{k}_high"] <= 1
     result = subprocess.run([sys.executable, "-m", "osft", "eval", "/dev/null",
                              *base_overrides(model_dir, data_file, tmp_path / "eval-only", "sft"),
                              f"eval.data={data_file}", "eval.max_prompts=2", "eval.samples=2"],

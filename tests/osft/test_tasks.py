@@ -30,6 +30,24 @@ def test_answers_are_right_and_accepted_by_the_math_reward(difficulty):
     assert math_reward([r["prompt"] for r in rows], completions, answer=[r["answer"] for r in rows]) == [1.0] * len(rows)
     wrong = [f"\\boxed{{{int(r['answer']) + 1}}}" for r in rows]
     assert math_reward([r["prompt"] for r in rows], wrong, answer=[r["answer"] for r in rows]) == [0.0] * len(rows)
+    solutions = [r["solution"] for r in rows]
+    assert math_reward([r["prompt"] for r in rows], solutions, answer=[r["answer"] for r in rows]) == [1.0] * len(rows)
+
+
+@pytest.mark.parametrize("difficulty", [0, 3])
+def test_worked_solutions_compute_each_operation(difficulty):
+    """Every worked line ``a op b = c`` holds, one line per operation, the last result is the answer, and
+    each line starts from the previous result."""
+    train, _ = generate_task(2, train_size=30, eval_size=0, difficulty=difficulty)
+    for row in train:
+        steps = re.findall(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)", row["solution"])
+        assert len(steps) == 1 + difficulty
+        for index, (left, operator, right, result) in enumerate(steps):
+            assert eval(f"{left} {operator} {right}", {}) == int(result)
+            if index:
+                assert int(left) == int(steps[index - 1][3])
+        assert int(steps[-1][3]) == int(row["answer"])
+        assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}.")
 
 
 def test_word_problems_follow_their_story():

@@ -129,7 +129,8 @@ def _evaluation_worker(rank: int, world_size: int, model_dir, data_file) -> None
     split = evaluate(lm, config, rows, engine, ranks=Ranks(rank, world_size))
     alone = evaluate(lm, config, rows, engine)
     assert split == alone, (split, alone)
-    assert split["eval/pass@1"] == split["eval/greedy_pass@1"] == pytest.approx(3 / 5)  # prompts 0, 2 and 4
+    assert split.metrics["eval/pass@1"] == split.metrics["eval/greedy_pass@1"] == pytest.approx(3 / 5)
+    assert split.per_prompt == {"correct": [2, 0, 2, 0, 2], "greedy": [1, 0, 1, 0, 1]}  # prompts 0, 2 and 4
 
 
 def test_evaluation_split_over_two_ranks_merges_every_prompt(tmp_path, model_dir, data_file):
@@ -143,7 +144,7 @@ def test_osft_eval_on_two_processes_writes_once(tmp_path, model_dir, data_file):
                f"eval.data={data_file}", "eval.max_prompts=5", "eval.samples=2", "rollout.max_new_tokens=8"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("eval/pass@1") == 1
+    assert done.stdout.count('"eval/pass@1":') == 1
     (line,) = (tmp_path / "eval.jsonl").read_text().splitlines()
     assert json.loads(line)["step"] == 0
 
