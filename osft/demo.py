@@ -22,7 +22,6 @@ Writes ``results.json`` (every prompt's counts included), ``accuracy.png`` and `
 import argparse
 import json
 import math
-import platform
 import shutil
 import time
 import typing
@@ -33,6 +32,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from osft_kernels import backend_name
+from osft_kernels.device_info import describe
 
 from .behavior import sample_behavior_data
 from .config import Config, RolloutConfig, config_from_dict
@@ -170,13 +170,13 @@ class Demo:
         write_task(self.task_dir, seed=settings.seed, train_size=settings.train_prompts,
                    eval_size=settings.eval_prompts, difficulty=settings.difficulty)
         backend = backend_name(settings.backend, self.device)
-        print(f"model {settings.model} ({self.model_path}) on {self.device.type} "
-              f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), fused loss "
-              f"backend: {backend}; task: {settings.train_prompts} train / {settings.eval_prompts} eval prompts, "
-              f"difficulty {settings.difficulty}; seeds {settings.seed}..{settings.seed + settings.seeds - 1}")
-        self.results = {"settings": asdict(settings), "device": self.device.type,
-                        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                        "loss_backend": backend, "recipes": {}, "comparisons": []}
+        hardware = describe(self.device)
+        print(f"model {settings.model} ({self.model_path}) on {hardware}; fused loss backend: {backend}; task: "
+              f"{settings.train_prompts} train / {settings.eval_prompts} eval prompts, difficulty "
+              f"{settings.difficulty}; seeds {settings.seed}..{settings.seed + settings.seeds - 1}")
+        self.results = {"settings": asdict(settings), "device": self.device.type, "hardware": hardware,
+                        "threads": torch.get_num_threads(), "loss_backend": backend, "recipes": {},
+                        "comparisons": []}
 
     def config(self, recipe: str, name: str, seed: int, **changes) -> Config:
         return recipe_config(self.settings, recipe, self.model_path, self.task_dir, seed=seed,

@@ -92,6 +92,7 @@ def test_demo_writes_its_outputs_and_the_same_seed_gives_the_same_table(tmp_path
                            progress=False)
         check_osft_grpo(run_dir, results, ablation=True)
         assert results["loss_backend"] == "cpu" and results["device"] == "cpu"
+        assert results["hardware"].startswith("CPU ") and " threads, " in results["hardware"]
         assert results["generation_dtype"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
         tables.append(report(results))
     assert tables[0] == tables[1]
