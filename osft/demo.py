@@ -14,8 +14,10 @@ policy) writes solutions of the training prompts, recording the logprob of every
 SFT and PEAR (token, block and sequence level) train on them from the base model, and the same GRPO
 stage follows each of them.
 
-Trained rows are repeated over ``seeds`` seeds (training seed ``seed + i``; the task and the base
-model's evaluation use ``seed``). Every row is evaluated every ``eval_every`` steps and at its end.
+Trained rows are repeated over ``seeds`` seeds (training seeds ``seed + seed_offset + i``; the task
+and the base model's evaluation use ``seed``). Runs split over seeds with ``seed_offset`` share the task
+and the base evaluation; ``osft demo --merge DIR ...`` joins them. Every row is evaluated every
+``eval_every`` steps and at its end.
 Writes ``results.json`` (every prompt's counts included), ``accuracy.png`` and ``table.md`` into
 ``run_dir`` and prints the tables. The same settings give the same tables.
 """
@@ -50,6 +52,7 @@ _HELP = {
     "run_dir": "where the task, each row's runs, results.json, table.md and accuracy.png go",
     "seed": "seeds the task, the base model's evaluation and the first training seed",
     "seeds": "training seeds per trained row (seed, seed + 1, ...): mean and spread over them",
+    "seed_offset": "the first training seed is seed + this (split the seeds over runs, then --merge them)",
     "difficulty": "the task's difficulty: 1 + N operations, larger operands every 2 levels",
     "train_prompts": "training prompts (OSFT: one rollout each); the GRPO rows get OSFT's tokens or steps",
     "eval_prompts": "held-out prompts",
@@ -85,6 +88,7 @@ class DemoSettings:
     run_dir: str = "runs/demo"
     seed: int = 0
     seeds: int = 1
+    seed_offset: int = 0
     difficulty: int = 0
     train_prompts: int = 48
     eval_prompts: int = 24
@@ -116,9 +120,11 @@ class DemoSettings:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0 <= self.difficulty <= MAX_DIFFICULTY:
             raise ValueError(f"--difficulty must be in [0, {MAX_DIFFICULTY}], got {self.difficulty}")
-        if not (0 <= self.seed and self.seed + self.seeds <= 2**32):
-            raise ValueError(f"--seed .. --seed + --seeds - 1 must lie in [0, 2**32) (what the RNG seeding "
-                             f"functions accept), got {self.seed} and {self.seeds}")
+        if self.seed_offset < 0:
+            raise ValueError(f"--seed-offset must be >= 0, got {self.seed_offset}")
+        if not (0 <= self.seed and self.seed + self.seed_offset + self.seeds <= 2**32):
+            raise ValueError(f"--seed .. --seed + --seed-offset + --seeds - 1 must lie in [0, 2**32) (what the RNG "
+                             f"seeding functions accept), got {self.seed}, {self.seed_offset} and {self.seeds}")
         if self.num_generations < 2:
             raise ValueError(f"--num-generations must be >= 2 (GRPO compares rollouts within a group), "
                              f"got {self.num_generations}")
@@ -152,6 +158,11 @@ def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir
     return config_from_dict(data, {**({"optim.lr": settings.grpo_lr} if recipe == "grpo" else {}), **changes})
 
 
+def training_seeds(settings: DemoSettings) -> range:
+    first = settings.seed + settings.seed_offset
+    return range(first, first + settings.seeds)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
@@ -173,7 +184,7 @@ class Demo:
         hardware = describe(self.device)
         print(f"model {settings.model} ({self.model_path}) on {hardware}; fused loss backend: {backend}; task: "
               f"{settings.train_prompts} train / {settings.eval_prompts} eval prompts, difficulty "
-              f"{settings.difficulty}; seeds {settings.seed}..{settings.seed + settings.seeds - 1}")
+              f"{settings.difficulty}; training seeds {', '.join(map(str, training_seeds(settings)))}")
         self.results = {"settings": asdict(settings), "device": self.device.type, "hardware": hardware,
                         "threads": torch.get_num_threads(), "loss_backend": backend, "recipes": {},
                         "comparisons": []}
@@ -253,10 +264,49 @@ class Demo:
 
     def finish(self) -> dict:
         self.results["seconds"] = time.perf_counter() - self.started
-        (self.run_dir / "results.json").write_text(json.dumps(self.results, indent=1))
-        (self.run_dir / "table.md").write_text(report(self.results) + "\n")
-        plot_curves(self.results, self.run_dir / "accuracy.png")
+        write_outputs(self.results, self.run_dir)
         return self.results
+
+
+def write_outputs(results: dict, run_dir: Path) -> None:
+    """``results.json``, ``table.md`` and ``accuracy.png`` into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "table.md").write_text(report(results) + "\n")
+    plot_curves(results, run_dir / "accuracy.png")
+
+
+_PER_RUN = ("seeds", "seed_offset", "run_dir")  # the settings that may differ between runs to merge
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One demo's results from runs that split its training seeds (``seed_offset``): the same settings
+    otherwise, so the same task, base evaluation and behavior data; each trained row's runs joined in
+    seed order. Refuses runs that differ in anything else or repeat a seed."""
+    if not parts:
+        raise ValueError("--merge needs at least one results directory")
+    first = parts[0]
+    for part in parts[1:]:
+        for key, value in first["settings"].items():
+            if key not in _PER_RUN and part["settings"][key] != value:
+                raise ValueError(f"cannot merge runs with different --{key.replace('_', '-')}: "
+                                 f"{value!r} and {part['settings'][key]!r}")
+        if [run["curve"] for run in part["recipes"]["base"]["runs"]] != \
+                [run["curve"] for run in first["recipes"]["base"]["runs"]] or \
+                {**part.get("behavior", {}), "seconds": 0} != {**first.get("behavior", {}), "seconds": 0}:
+            raise ValueError("cannot merge runs whose base-model evaluation or behavior data differ (another "
+                             "machine or version?)")
+    merged = json.loads(json.dumps(first))
+    for name, entry in merged["recipes"].items():
+        if name != "base":
+            entry["runs"] = sorted((run for part in parts for run in part["recipes"][name]["runs"]),
+                                   key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in next(e for n, e in merged["recipes"].items() if n != "base")["runs"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cannot merge runs that repeat a training seed: {seeds}")
+    merged["settings"].update(seeds=len(seeds), seed_offset=seeds[0] - first["settings"]["seed"])
+    merged["seconds"] = sum(part["seconds"] for part in parts)
+    return merged
 
 
 def _grpo_label(settings: DemoSettings, budget: str) -> str:
@@ -282,7 +332,7 @@ def run_osft_grpo(demo: Demo) -> None:
         demo.row("osft_coupled", "OSFT coupled (tau_s=tau_t=1)")
     steps = math.ceil(settings.train_prompts / settings.prompts_per_step)
     group_prompts = max(1, settings.prompts_per_step // settings.num_generations)
-    for seed in range(settings.seed, settings.seed + settings.seeds):
+    for seed in training_seeds(settings):
         osft = demo.train_row("osft", demo.config("osft", "osft", seed), base)
         # each step uses as many rollouts as an OSFT step; the token budget ends the run (the step cap only
         # guards against responses num_generations times shorter than OSFT's)
@@ -313,7 +363,7 @@ def run_pear(demo: Demo) -> None:
     for name, (_, _, label) in offline.items():
         demo.row(f"{name}+grpo", f"{label}, then GRPO ({settings.rl_steps} steps)", starts_from=name)
     rows = len((demo.run_dir / "behavior.jsonl").read_text().splitlines())
-    for seed in range(settings.seed, settings.seed + settings.seeds):
+    for seed in training_seeds(settings):
         for name, (recipe, changes, _) in offline.items():
             config = demo.config(recipe, name, seed, keep_last=1, max_steps=math.ceil(rows / settings.prompts_per_step),
                                  **{"data.train": str(demo.run_dir / "behavior.jsonl")}, **changes)
@@ -359,8 +409,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"{_HELP[name]} (default: {value})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="instead of running, join the results of runs "
+                        "that split the training seeds (--seed-offset) into --run-dir")
     args = vars(parser.parse_args(argv))
-    progress = not args.pop("no_progress")
+    progress, merge = not args.pop("no_progress"), args.pop("merge")
+    if merge:
+        try:
+            results = merge_results([json.loads((Path(d) / "results.json").read_text()) for d in merge])
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        write_outputs(results, Path(args["run_dir"]))
+        print(report(results))
+        print(f"wrote {Path(args['run_dir']) / 'results.json'}, table.md, accuracy.png")
+        return 0
     try:
         settings = DemoSettings(**args)
     except ValueError as error:

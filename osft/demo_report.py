@@ -134,8 +134,9 @@ def plot_curves(results: dict, path: Path) -> None:
     for axis in (accuracy, reward):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
+    seeds = sorted({run["seed"] for name, entry in recipes.items() if name != "base" for run in entry["runs"]})
     figure.suptitle(f"{settings['model']} on the built-in math task ({results['device']}, "
-                    f"seeds {settings['seed']}..{settings['seed'] + settings['seeds'] - 1})")
+                    f"training seeds {', '.join(map(str, seeds))})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

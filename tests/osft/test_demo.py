@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from osft import packaged
-from osft.demo import DemoSettings, report, run_demo
+from osft.demo import DemoSettings, merge_results, report, run_demo
+from osft.demo import main as demo_main
 from osft.demo_report import format_table
 from osft.model import native_bfloat16
 
@@ -112,6 +113,29 @@ def test_demo_over_several_seeds_reports_their_mean_and_spread(tmp_path, model_d
     mean = (runs[0]["final"]["eval/pass@1"] + runs[1]["final"]["eval/pass@1"]) / 2
     assert "| 2 | 2 | " in osft_line and f"{mean:.3f} [" in osft_line and " ±" in osft_line
     assert "| base model | 1 | 0 | 0 | " in table and "±" not in table.splitlines()[2]
+    # the same two seeds split over two runs and merged give the same results (run times aside)
+    parts = [tmp_path / f"part{offset}" for offset in (0, 1)]
+    for offset, part in enumerate(parts):
+        run_demo(DemoSettings(model=str(model_dir), run_dir=str(part), seeds=1, seed_offset=offset, **TINY),
+                 progress=False)
+    assert demo_main(["--merge", *map(str, parts), "--run-dir", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert report(merged) == report(results)
+    assert (tmp_path / "merged" / "table.md").read_text() == report(results) + "\n"
+    assert merged["settings"] == {**results["settings"], "run_dir": str(parts[0])}
+
+    def without_times(value):
+        return {k: without_times(v) for k, v in value.items() if k != "seconds"} if isinstance(value, dict) \
+            else [without_times(v) for v in value] if isinstance(value, list) else value
+
+    for name, entry in results["recipes"].items():
+        assert without_times(merged["recipes"][name]) == without_times(entry), name
+    with pytest.raises(ValueError, match="repeat a training seed"):
+        merge_results([merged, json.loads((parts[1] / "results.json").read_text())])
+    other = json.loads((parts[1] / "results.json").read_text())
+    other["settings"]["lr"] = 0.5
+    with pytest.raises(ValueError, match="different --lr: 0.001 and 0.5"):
+        merge_results([json.loads((parts[0] / "results.json").read_text()), other])
 
 
 def test_pear_demo_trains_sft_and_each_pear_level_then_the_same_grpo_stage(tmp_path, model_dir):
@@ -197,7 +221,8 @@ def test_pear_demo_command_on_the_packaged_model(tmp_path):
     ("--autocast", "float16", "--autocast must be auto, bfloat16 or off"), ("--seeds", "0", "--seeds must be >= 1"),
     ("--grpo-lr", "nan", "--grpo-lr must be a finite number > 0"),
     ("--behavior-keep", "all", "--behavior-keep must be correct or complete"),
-    ("--ablation", "--pear", "--ablation belongs to the OSFT comparison")])
+    ("--ablation", "--pear", "--ablation belongs to the OSFT comparison"),
+    ("--seed-offset", "-1", "--seed-offset must be >= 0"), ("--merge", "/nonexistent", "results.json")])
 def test_demo_refuses_bad_flags(flag, value, message):
     result = subprocess.run([sys.executable, "-m", "osft", "demo", flag, value], capture_output=True, text=True,
                             check=False, timeout=120)
