@@ -22,6 +22,7 @@ Writes ``results.json`` (every prompt's counts included), ``accuracy.png`` and `
 ``run_dir`` and prints the tables. The same settings give the same tables.
 """
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -228,7 +229,7 @@ class Demo:
         """``run_dir/behavior.jsonl``: the base model prompted with worked examples (rows of the task generated
         after the train and held-out ones) solves the training prompts."""
         settings = self.settings
-        rows = [json.loads(line) for line in (self.task_dir / "train.jsonl").read_text().splitlines()]
+        rows = _read_jsonl(self.task_dir / "train.jsonl")
         examples = generate_task(settings.seed, train_size=settings.train_prompts + settings.eval_prompts,
                                  eval_size=settings.behavior_examples, difficulty=settings.difficulty)[1]
         phase = time.perf_counter()
@@ -296,7 +297,7 @@ def merge_results(parts: list[dict]) -> dict:
                 {**part.get("behavior", {}), "seconds": 0} != {**first.get("behavior", {}), "seconds": 0}:
             raise ValueError("cannot merge runs whose base-model evaluation or behavior data differ (another "
                              "machine or version?)")
-    merged = json.loads(json.dumps(first))
+    merged = copy.deepcopy(first)
     for name, entry in merged["recipes"].items():
         if name != "base":
             entry["runs"] = sorted((run for part in parts for run in part["recipes"][name]["runs"]),
