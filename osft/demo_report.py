@@ -9,6 +9,7 @@ and, for GRPO, ``rewards`` (the training reward of each step). ``results["compar
 """
 import math
 from pathlib import Path
+from statistics import fmean
 
 from .evaluate import prompt_scores
 from .intervals import Estimate, difference_interval, score_interval
@@ -51,10 +52,6 @@ def difference(results: dict, row: str, baseline: str, metric: str) -> Estimate:
     return difference_interval(runs, bases)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def format_table(results: dict) -> str:
     """Every row's final scores: ``mean [95% interval]``, ``± spread`` over seeds, and an arrow where the
     difference from the base model is significant."""
@@ -75,9 +72,9 @@ def format_table(results: dict) -> str:
                 change = difference(results, name, "base", metric)
                 cell += (" ↑" if change.low > 0 else " ↓") if change.significant else ""
             cells.append(cell)
-        lines.append(f"| {entry['label']} | {len(runs)} | {_mean([r['steps'] for r in runs]):.0f} | "
-                     f"{_mean([r['rollout_tokens'] for r in runs]):.0f} | " + " | ".join(cells) +
-                     f" | {_mean([r['final']['eval/mean_length'] for r in runs]):.1f} |")
+        lines.append(f"| {entry['label']} | {len(runs)} | {fmean([r['steps'] for r in runs]):.0f} | "
+                     f"{fmean([r['rollout_tokens'] for r in runs]):.0f} | " + " | ".join(cells) +
+                     f" | {fmean([r['final']['eval/mean_length'] for r in runs]):.1f} |")
     return "\n".join(lines)
 
 
@@ -101,8 +98,8 @@ def _mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     """The seed means of the step and of ``key`` at each evaluation (the i-th of every run; runs stopped by
     the token budget end at different steps)."""
     points = min(len(run["curve"]) for run in runs)
-    return ([_mean([run["curve"][i]["step"] for run in runs]) for i in range(points)],
-            [_mean([run["curve"][i][key] for run in runs]) for i in range(points)])
+    return ([fmean([run["curve"][i]["step"] for run in runs]) for i in range(points)],
+            [fmean([run["curve"][i][key] for run in runs]) for i in range(points)])
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -119,13 +116,13 @@ def plot_curves(results: dict, path: Path) -> None:
         if name == "base":
             continue
         start = entry.get("starts_from")
-        offset = _mean([r["steps"] for r in recipes[start]["runs"]]) if start else 0
+        offset = fmean([r["steps"] for r in recipes[start]["runs"]]) if start else 0
         steps, values = _mean_curve(entry["runs"], "eval/pass@1")
         accuracy.plot([s + offset for s in steps], values, "o-", color=f"C{index % 10}", label=entry["label"])
         rewards = [run["rewards"] for run in entry["runs"] if run.get("rewards")]
         if rewards:
             width = min(len(r) for r in rewards)
-            reward.plot([s + 1 + offset for s in range(width)], [_mean([r[s] for r in rewards]) for s in range(width)],
+            reward.plot([s + 1 + offset for s in range(width)], [fmean([r[s] for r in rewards]) for s in range(width)],
                         ".-", color=f"C{index % 10}", label=entry["label"])
     settings = results["settings"]
     accuracy.set_xlabel("optimizer step")

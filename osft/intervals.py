@@ -14,6 +14,7 @@ evaluation, so the interval is conservative.
 """
 import math
 from dataclasses import dataclass
+from statistics import fmean, pvariance
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -44,16 +45,6 @@ def wilson_interval(proportion: float, trials: float, z: float = Z95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _variance(values: list[float]) -> float:
-    """The population variance (divisor ``len``)."""
-    mean = _mean(values)
-    return sum((v - mean) ** 2 for v in values) / len(values)
-
-
 def score_interval(per_prompt: list[float], samples: int) -> Estimate:
     """The mean of ``per_prompt`` scores (each in [0, 1], from ``samples`` completions) and its 95% interval."""
     if not per_prompt:
@@ -62,8 +53,8 @@ def score_interval(per_prompt: list[float], samples: int) -> Estimate:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if any(not 0 <= value <= 1 for value in per_prompt):
         raise ValueError("per-prompt scores must be in [0, 1]")
-    prompts, mean = len(per_prompt), _mean(per_prompt)
-    variance = _variance(per_prompt)
+    prompts, mean = len(per_prompt), fmean(per_prompt)
+    variance = pvariance(per_prompt)
     # binomial variance / observed variance of one prompt's score = completions worth one prompt
     trials = prompts if variance == 0 else prompts * mean * (1 - mean) / variance
     trials = min(max(trials, prompts), prompts * samples)
@@ -82,11 +73,11 @@ def difference_interval(runs: list[list[float]], baselines: list[list[float]]) -
         raise ValueError(f"baselines must hold 1 or {len(runs)} (one per seed) score lists, got {len(baselines)}")
     pairs = [(run, baselines[0] if len(baselines) == 1 else baselines[s]) for s, run in enumerate(runs)]
     per_seed = [[a - b for a, b in zip(run, base)] for run, base in pairs]
-    per_prompt = [_mean([seed[i] for seed in per_seed]) for i in range(prompts)]
-    mean = _mean(per_prompt)
-    variance = _variance(per_prompt) / (prompts - 1) if prompts > 1 else 0.0
+    per_prompt = [fmean([seed[i] for seed in per_seed]) for i in range(prompts)]
+    mean = fmean(per_prompt)
+    variance = pvariance(per_prompt) / (prompts - 1) if prompts > 1 else 0.0
     seeds = len(per_seed)
     if seeds > 1:
-        variance += _variance([_mean(seed) for seed in per_seed]) / (seeds - 1)
+        variance += pvariance([fmean(seed) for seed in per_seed]) / (seeds - 1)
     half = Z95 * math.sqrt(variance)
     return Estimate(mean, mean - half, mean + half)
