@@ -1,6 +1,8 @@
 """``pear``: offline SFT on the dataset's responses, each token's loss weighted by PEAR importance
 weights of the current policy over the behavior policy that produced the data
-(:func:`osft_kernels.losses.pear_loss`). The behavior logprobs come from ``osft score``."""
+(:func:`osft_kernels.losses.pear_loss`). The behavior logprobs come from ``osft score``. Logs
+``pear/weight_mean``, the mean weight over the response tokens (below 1: the data is likelier under
+the behavior policy than under the current one)."""
 from torch import Tensor
 
 from osft_kernels.losses import NORMALIZATIONS, count_items, pear_loss
@@ -30,9 +32,11 @@ class PEARRecipe:
 
     def loss(self, micro: Sequences, num_items: float) -> tuple[Tensor, dict]:
         pear = self.config.pear
-        loss = pear_loss(**self.lm.fused_inputs(micro), logp_behavior=micro.token_values["behavior_logprobs"],
-                         level=pear.level, block_size=pear.block_size, gamma=pear.gamma,
-                         log_ratio_clip=(pear.log_ratio_clip_low, pear.log_ratio_clip_high),
-                         log_weight_clip=(pear.log_weight_clip_low, pear.log_weight_clip_high),
-                         normalize=pear.normalize, num_items=num_items)
-        return loss, {}
+        loss, weights = pear_loss(**self.lm.fused_inputs(micro),
+                                  logp_behavior=micro.token_values["behavior_logprobs"], level=pear.level,
+                                  block_size=pear.block_size, gamma=pear.gamma,
+                                  log_ratio_clip=(pear.log_ratio_clip_low, pear.log_ratio_clip_high),
+                                  log_weight_clip=(pear.log_weight_clip_low, pear.log_weight_clip_high),
+                                  normalize=pear.normalize, num_items=num_items, return_weights=True)
+        # the weights are 0 outside the response tokens, whatever layout the fused inputs have
+        return loss, {"pear/weight_mean": weights.sum() / max(micro.num_targets, 1)}

@@ -90,13 +90,14 @@ def pear_loss(hidden: Tensor, weight: Tensor, targets: Tensor, logp_behavior: Te
               log_weight_clip: tuple[float, float] = (-10.0, 5.0), normalize: str = "tokens",
               num_items: float | None = None, temperature: float | Tensor = 1.0, ignore_index: int = -100,
               bias: Tensor | None = None, softcap: float | None = None, shift: bool = False, backend: str = "auto",
-              **kernel_options) -> Tensor:
+              return_weights: bool = False, **kernel_options) -> Tensor | tuple[Tensor, Tensor]:
     """PEAR-weighted SFT loss: ``aggregate(-weight_t * log p(y_t))`` from one fused logprob pass.
 
     The current policy's logprobs come from the same pass as the loss (so they cost nothing extra);
     ``logp_behavior`` is shaped like the (shifted) targets. The response tokens are the non-ignored
     targets. ``normalize``: ``"tokens"`` or ``"sequences"`` (see :func:`sft_loss`). Other arguments
-    as in :func:`pear_weights` and :func:`osft_kernels.linear_logprobs`. Returns a float32 scalar.
+    as in :func:`pear_weights` and :func:`osft_kernels.linear_logprobs`. Returns a float32 scalar; with
+    ``return_weights``, also the detached float32 weights (shaped like the shifted targets, 0 at ignored ones).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be 'tokens' or 'sequences', got {normalize!r}")
@@ -105,4 +106,5 @@ def pear_loss(hidden: Tensor, weight: Tensor, targets: Tensor, logp_behavior: Te
                                bias=bias, softcap=softcap, shift=shift, backend=backend, **kernel_options).logprobs
     weights = pear_weights(logprobs, logp_behavior, mask, level=level, block_size=block_size, gamma=gamma,
                            log_ratio_clip=log_ratio_clip, log_weight_clip=log_weight_clip)
-    return aggregate(-weights * logprobs, mask, NORMALIZATIONS[normalize], num_items=num_items)
+    loss = aggregate(-weights * logprobs, mask, NORMALIZATIONS[normalize], num_items=num_items)
+    return (loss, weights) if return_weights else loss

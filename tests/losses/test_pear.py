@@ -95,3 +95,8 @@ def test_pear_loss_fused_matches_reference_backend_and_definition(shift):
     w = pear_weights(logprobs, behavior, mask, level="block", block_size=2)
     expected = aggregate_loop(-(w * logprobs).double(), mask, "seq-mean-token-mean")
     assert abs(results[0][0].item() - expected) <= 1e-5 * abs(expected)
+    # return_weights: the same loss, and the weights it used (detached, 0 at ignored targets)
+    loss, weights = pear_loss(hidden, weight, targets, behavior, level="block", block_size=2, shift=shift,
+                              normalize="sequences", return_weights=True)
+    assert loss.item() == results[0][0].item() and not weights.requires_grad
+    torch.testing.assert_close(weights, w, rtol=1e-6, atol=0)

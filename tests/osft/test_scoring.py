@@ -44,7 +44,10 @@ def test_score_round_trips_through_parquet_and_feeds_pear(tmp_path, model_dir, d
     pear = load_config(None, [*base_overrides(model_dir, output, run_dir, "pear"), "max_steps=2", "pear.level=block",
                               "pear.block_size=2"])
     train(pear, progress=False)
-    assert all(math.isfinite(m["loss"]) for m in read_metrics(run_dir))
+    metrics = read_metrics(run_dir)
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    longest = max(len(r["behavior_logprobs"]) for r in scored)
+    assert pear.pear.gamma ** longest <= metrics[0]["pear/weight_mean"] < 1.0
 
 
 def test_pear_refuses_behavior_logprobs_of_another_tokenization(tmp_path, model_dir):
