@@ -75,6 +75,8 @@ _HELP = {
     "behavior_keep": "--pear: the behavior samples kept as training data: correct (judged right and complete) "
                      "or complete (every one that ends within max_new_tokens)",
     "rl_steps": "--pear: optimizer steps of the GRPO stage after SFT and each PEAR level",
+    "rl_lr": "--pear: AdamW learning rate of that GRPO stage (from the SFT start, 5e-5 made responses run to the "
+             "length cap and 1e-4 collapsed the reward)",
     "backend": "the fused loss's backend: auto, torch, triton, reference",
     "autocast": "generation (rollouts and evaluation) under bfloat16 autocast: bfloat16, off, or auto (where "
                 "the hardware multiplies bfloat16 natively: AVX512-BF16 or AMX CPUs, CUDA GPUs)",
@@ -109,6 +111,7 @@ class DemoSettings:
     behavior_temperature: float = 1.0
     behavior_keep: str = "correct"
     rl_steps: int = 6
+    rl_lr: float = 2e-5
     backend: str = "auto"
     autocast: str = "auto"
 
@@ -131,7 +134,7 @@ class DemoSettings:
                              f"got {self.num_generations}")
         if not 0 < self.tau_s <= 1:
             raise ValueError(f"--tau-s must be in (0, 1] (OSFT samples at or below tau_t = 1), got {self.tau_s}")
-        for name in ("lr", "grpo_lr", "grpo_temperature", "behavior_temperature"):
+        for name in ("lr", "grpo_lr", "rl_lr", "grpo_temperature", "behavior_temperature"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         if self.autocast not in typing.get_args(typing.get_type_hints(RolloutConfig)["autocast"]):
@@ -362,7 +365,8 @@ def run_pear(demo: Demo) -> None:
     for name, (_, _, label) in offline.items():
         demo.row(name, f"{label} on the behavior data")
     for name, (_, _, label) in offline.items():
-        demo.row(f"{name}+grpo", f"{label}, then GRPO ({settings.rl_steps} steps)", starts_from=name)
+        demo.row(f"{name}+grpo", f"{label}, then GRPO ({settings.rl_steps} steps, lr {settings.rl_lr:g})",
+                 starts_from=name)
     rows = len((demo.run_dir / "behavior.jsonl").read_text().splitlines())
     for seed in training_seeds(settings):
         for name, (recipe, changes, _) in offline.items():
@@ -371,7 +375,8 @@ def run_pear(demo: Demo) -> None:
             start = demo.train_row(name, config, base)
             checkpoints = Checkpoints(Path(config.run_dir), 1)
             demo.train_row(f"{name}+grpo", demo.config("grpo", f"{name}+grpo", seed, max_steps=settings.rl_steps,
-                                                       **{"model.path": str(checkpoints.latest())}), start["final"])
+                                                       **{"model.path": str(checkpoints.latest()),
+                                                          "optim.lr": settings.rl_lr}), start["final"])
             shutil.rmtree(checkpoints.root)  # 1.6 GB each for the 135M model, with the optimizer state
     demo.results["comparisons"] = (
         [[name, "base"] for name in offline] + [[f"pear_{level}", "sft"] for level in PEAR_LEVELS]

@@ -20,7 +20,7 @@ TINY = {"train_prompts": 4, "prompts_per_step": 2, "num_generations": 2, "eval_p
         "max_new_tokens": 6, "eval_every": 1, "lr": 1e-3, "grpo_lr": 1e-3}
 # the tiny model's word vocabulary knows none of the task's words: it is never right, but ends some samples
 TINY_PEAR = {**TINY, "pear": True, "behavior_examples": 1, "behavior_samples": 8, "behavior_keep": "complete",
-             "rl_steps": 2}
+             "rl_steps": 2, "rl_lr": 3e-3}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -159,6 +159,7 @@ def test_pear_demo_trains_sft_and_each_pear_level_then_the_same_grpo_stage(tmp_p
         assert rl["steps"] == 2 and len(rl["rewards"]) == 2
         config = (run_dir / f"{name}+grpo" / "seed-0" / "config.yaml").read_text()
         assert f"{run_dir / name / 'seed-0' / 'checkpoints'}" in config  # started from the offline stage's end
+        assert "lr: 0.003\n" in config  # --rl-lr, not --grpo-lr
     for level in ("token", "block", "sequence"):
         assert f"level: {level}" in (run_dir / f"pear_{level}" / "seed-0" / "config.yaml").read_text()
 
@@ -210,7 +211,7 @@ def test_pear_demo_command_on_the_packaged_model(tmp_path):
     check_outputs(run_dir, results, ["base", *offline, *(f"{name}+grpo" for name in offline)])
     behavior = results["behavior"]
     assert behavior["sampled"] == 8 and behavior["kept"] > 0 and len(behavior["examples"]) == 2
-    assert "| PEAR, sequence level, then GRPO (1 steps) |" in result.stdout
+    assert "| PEAR, sequence level, then GRPO (1 steps, lr 2e-05) |" in result.stdout
 
 
 @pytest.mark.slow
@@ -220,6 +221,7 @@ def test_pear_demo_command_on_the_packaged_model(tmp_path):
     ("--eval-every", "-1", "--eval-every must be >= 0"),
     ("--autocast", "float16", "--autocast must be auto, bfloat16 or off"), ("--seeds", "0", "--seeds must be >= 1"),
     ("--grpo-lr", "nan", "--grpo-lr must be a finite number > 0"),
+    ("--rl-lr", "0", "--rl-lr must be a finite number > 0"),
     ("--behavior-keep", "all", "--behavior-keep must be correct or complete"),
     ("--ablation", "--pear", "--ablation belongs to the OSFT comparison"),
     ("--seed-offset", "-1", "--seed-offset must be >= 0"), ("--merge", "/nonexistent", "results.json")])
