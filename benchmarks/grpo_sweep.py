@@ -4,6 +4,7 @@ math task, OSFT's steps and prompts (6 steps of 8 prompts), no evaluation. A mea
 
     .venv/bin/python -m benchmarks.grpo_sweep               # every setting below, about 4 min each on 2 cores
     .venv/bin/python -m benchmarks.grpo_sweep lr=1e-4 g8    # some of them
+    .venv/bin/python -m benchmarks.grpo_sweep lr=2e-5 --model DIR  # from another start, e.g. a checkpoint
 
 Prints, per setting, the mean reward of each step's rollouts, the share cut at the length cap and the
 mean response length. Run it alone: two jobs on a 2-core machine slow each other down several times.
@@ -36,7 +37,8 @@ SETTINGS = {  # dotted config changes on top of the demo's GRPO run at OSFT's st
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("settings", nargs="*", help=f"which of {', '.join(SETTINGS)} (default: all)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a packaged model's name or a model directory "
+                        "(a checkpoint: the start of --pear's GRPO stage)")
     args = parser.parse_args()
     unknown = [name for name in args.settings if name not in SETTINGS]
     if unknown:
