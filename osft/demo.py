@@ -286,7 +286,7 @@ _PER_RUN = ("seeds", "seed_offset", "run_dir")  # the settings that may differ b
 def merge_results(parts: list[dict]) -> dict:
     """One demo's results from runs that split its training seeds (``seed_offset``): the same settings
     otherwise, so the same task, base evaluation and behavior data; each trained row's runs joined in
-    seed order. Refuses runs that differ in anything else or repeat a seed."""
+    seed order. Refuses runs that differ in anything else, repeat a seed or leave one out."""
     if not parts:
         raise ValueError("--merge needs at least one results directory")
     first = parts[0]
@@ -308,6 +308,9 @@ def merge_results(parts: list[dict]) -> dict:
     seeds = [run["seed"] for run in next(e for n, e in merged["recipes"].items() if n != "base")["runs"]]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"cannot merge runs that repeat a training seed: {seeds}")
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"cannot merge runs whose training seeds are not consecutive: {seeds} (the report "
+                         "names them by the first and their number)")
     merged["settings"].update(seeds=len(seeds), seed_offset=seeds[0] - first["settings"]["seed"])
     merged["seconds"] = sum(part["seconds"] for part in parts)
     return merged

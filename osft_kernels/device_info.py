@@ -29,4 +29,5 @@ def describe(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {model}, {torch.get_num_threads()} threads, {', '.join(cpu_features())}"
+    threads = torch.get_num_threads()
+    return f"CPU {model}, {threads} thread{'s' if threads > 1 else ''}, {', '.join(cpu_features())}"

@@ -133,6 +133,12 @@ def test_demo_over_several_seeds_reports_their_mean_and_spread(tmp_path, model_d
     with pytest.raises(ValueError, match="repeat a training seed"):
         merge_results([merged, json.loads((parts[1] / "results.json").read_text())])
     other = json.loads((parts[1] / "results.json").read_text())
+    for name, entry in other["recipes"].items():
+        for run in entry["runs"] if name != "base" else ():
+            run["seed"] = 2
+    with pytest.raises(ValueError, match=r"not consecutive: \[0, 2\]"):
+        merge_results([json.loads((parts[0] / "results.json").read_text()), other])
+    other = json.loads((parts[1] / "results.json").read_text())
     other["settings"]["lr"] = 0.5
     with pytest.raises(ValueError, match="different --lr: 0.001 and 0.5"):
         merge_results([json.loads((parts[0] / "results.json").read_text()), other])
