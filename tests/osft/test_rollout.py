@@ -51,9 +51,14 @@ def test_greedy_generation_is_the_argmax_path(model_dir):
 
 def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
     """Under rollout.autocast=bfloat16 the float32 model samples through bfloat16 products, and each
-    recorded logprob is that of the bfloat16 distribution (a teacher-forced pass under the same autocast
-    gives it back), not the float32 one; ``auto`` picks it only for float32 weights on hardware that
-    multiplies bfloat16 natively."""
+    recorded logprob is that of the bfloat16 distribution, not the float32 one; ``auto`` picks it only
+    for float32 weights on hardware that multiplies bfloat16 natively.
+
+    The bfloat16 reference is teacher-forced one token at a time through a KV cache, as generation
+    runs: a single full-sequence pass multiplies other shapes, and where bfloat16 is emulated (AVX2)
+    its logits round differently by up to ~6e-3 in a logprob."""
+    from transformers import DynamicCache
+
     from osft.config import Config, ModelConfig, RolloutConfig
     from osft.model import native_bfloat16
     from osft.rollout import HFGenerateEngine, generation_autocast
@@ -74,7 +79,11 @@ def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
         targets = ids[0, len(prompt):]
         with torch.no_grad():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                half = lm.model(ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+                cache = DynamicCache(config=lm.model.config)
+                steps = [lm.model(ids[:, :len(prompt)], cache=cache, use_cache=True).logits[0, -1]]
+                steps += [lm.model(ids[:, k:k + 1], cache=cache, use_cache=True).logits[0, -1]
+                          for k in range(len(prompt), ids.shape[1] - 1)]
+                half = torch.stack(steps).float().log_softmax(-1)
             full = lm.model(ids).logits[0, len(prompt) - 1:-1].double().log_softmax(-1)
         recorded = torch.tensor(completion.logprobs, dtype=torch.float64)
         torch.testing.assert_close(recorded, half.gather(1, targets[:, None])[:, 0].double(), rtol=0, atol=1e-3)
