@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 # the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (12 min on 2 cores);
 # e.g. make demo DEMO_ARGS="--eval-prompts 128 --seeds 3 --eval-every 0" (54 min), or
 # DEMO_ARGS="--pear --eval-every 0" for PEAR (27 min; per seed at --eval-prompts 128 about 50 min
-# with bfloat16 generation on AVX512-BF16, an estimated 75 min in float32 on an AVX2-only CPU)
+# with bfloat16 generation on AVX512-BF16, 90 min in float32 on an AVX2-only CPU)
 DEMO_ARGS ?=
 demo: $(BIN)/.installed
 	$(BIN)/osft demo $(DEMO_ARGS)
