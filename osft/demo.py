@@ -103,7 +103,7 @@ class DemoSettings:
     grpo_lr: float = 1e-4
     grpo_temperature: float = 1.0
     max_new_tokens: int = 96
-    eval_every: int = 3
+    eval_every: int = 0
     ablation: bool = False
     pear: bool = False
     behavior_examples: int = 2
@@ -152,7 +152,7 @@ def recipe_config(settings: DemoSettings, recipe: str, model_path: str, task_dir
             "max_steps": math.ceil(settings.train_prompts / settings.prompts_per_step),
             "model": {"path": model_path, "dtype": "float32", "backend": settings.backend},
             "data": {"train": str(task_dir / "train.jsonl")},
-            "rollout": {"max_new_tokens": settings.max_new_tokens, "batch_size": 64,
+            "rollout": {"max_new_tokens": settings.max_new_tokens, "batch_size": 128,
                         "mask_truncated_completions": True, "autocast": settings.autocast},
             "optim": {"lr": settings.lr, "weight_decay": 0.0, "micro_batch_tokens": 4096},
             "osft": {"tau_s_start": settings.tau_s, "tau_s_end": settings.tau_s, "tau_t": 1.0},

@@ -62,13 +62,16 @@ def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngi
     engine = engine if engine is not None else make_engine(lm, config)
     mine = ranks.share(rows)
     prompts = tokenize_prompts(mine, data, tokenizer)
-    completions = engine.generate(prompts, temperature=settings.temperature, num_samples=n, progress=progress)
-    rewards = ranks.concatenated(_judge(lm, config, mine, completions, n))
-    lengths = ranks.concatenated([len(c.token_ids) for c in completions])
+    # the n samples of each prompt, then (with eval.greedy) its greedy completion, in one generation
+    requests = [p for p in prompts for _ in range(n)] + (prompts if settings.greedy else [])
+    completions = engine.generate(requests, progress=progress, temperature=[settings.temperature] * (len(mine) * n)
+                                  + [0.0] * (len(requests) - len(mine) * n))
+    sampled = completions[:len(mine) * n]
+    rewards = ranks.concatenated(_judge(lm, config, mine, sampled, n))
+    lengths = ranks.concatenated([len(c.token_ids) for c in sampled])
     per_prompt = {"correct": [sum(r == 1.0 for r in per_row) for per_row in rewards]}
     if settings.greedy:
-        greedy = ranks.concatenated(_judge(lm, config, mine, engine.generate(prompts, temperature=0.0,
-                                                                             progress=progress), 1))
+        greedy = ranks.concatenated(_judge(lm, config, mine, completions[len(mine) * n:], 1))
         per_prompt["greedy"] = [int(per_row[0] == 1.0) for per_row in greedy]
     metrics = {}
     for name, scores in prompt_scores(per_prompt, n).items():

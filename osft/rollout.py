@@ -8,11 +8,13 @@ evaluation.
 """
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from rich.progress import Progress
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import Config
 from .distributed import whole
@@ -45,48 +47,117 @@ def generation_autocast(model: torch.nn.Module, setting: str) -> torch.dtype | N
     return None
 
 
+def temperatures(temperature: float | Sequence[float], prompts: int) -> list[float]:
+    """One temperature per prompt: ``temperature`` repeated, or checked to have one per prompt."""
+    if isinstance(temperature, (int, float)):
+        return [float(temperature)] * prompts
+    if len(temperature) != prompts:
+        raise ValueError(f"temperature: expected a number or one per prompt ({prompts}), got {len(temperature)}")
+    return [float(t) for t in temperature]
+
+
+class TokenSampler(LogitsProcessor):
+    """Chooses each row's next token for ``model.generate`` run in greedy mode, and records its logprob.
+
+    A row with temperature ``t > 0`` samples from ``softmax(logits / t)`` (restricted to the nucleus of
+    mass ``top_p``, renormalized) by inverting its cumulative distribution at one uniform draw; a row with
+    ``t = 0`` takes the argmax and records its logprob under ``softmax(logits)``. It hands ``generate`` a
+    score of 0 for the chosen token and -inf elsewhere, so the argmax that follows keeps it. Torch's
+    ``multinomial`` (``generate``'s own sampler) draws an exponential variate for every vocabulary entry,
+    a cost on the order of the lm_head's product on a CPU; this draws one number per row.
+
+    temperatures: [rows] float; ``logprobs``: one [rows] float32 tensor per generated position."""
+
+    def __init__(self, temperatures: torch.Tensor, top_p: float):
+        self.sampled = temperatures > 0
+        self.scale = torch.where(self.sampled, temperatures, 1.0)[:, None]
+        self.top_p = top_p
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logprobs = (scores.float() / self.scale).log_softmax(-1)
+        if self.top_p < 1 and self.sampled.any():
+            logprobs = _nucleus(logprobs, self.top_p, self.sampled)
+        tokens = logprobs.argmax(-1) if not self.sampled.all() else None
+        if self.sampled.any():
+            drawn = inverse_cdf(logprobs.exp(), torch.rand(len(logprobs), dtype=torch.float64, device=scores.device))
+            tokens = drawn if tokens is None else torch.where(self.sampled, drawn, tokens)
+        self.logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0])
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+
+
+def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The token of each row of ``probs`` [rows, vocab] (float32, each row's sum > 0, not normalized)
+    whose cumulative interval holds ``draws`` [rows] (float64 in [0, 1)) times the row's sum: never a
+    token of probability 0. Two levels, in float64: the block of ``block`` tokens from the block sums,
+    then the token from that block's running sum, so no full-vocabulary running sum (a sequential pass
+    on a CPU) is taken. Returns [rows] int64."""
+    rows, vocab = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
+    mass = blocks.sum(-1, dtype=torch.float64)
+    through = mass.cumsum(-1)
+    target = torch.minimum(draws * through[:, -1], through[:, -1] * (1 - 2**-40))[:, None]
+    chosen = torch.searchsorted(through, target, right=True).clamp_(max=blocks.shape[1] - 1)
+    within = blocks[torch.arange(rows, device=probs.device), chosen[:, 0]].cumsum(-1, dtype=torch.float64)
+    # the same mass summed in two orders may differ in its last bits: keep the target inside the block
+    offset = (target - (through.gather(1, chosen) - mass.gather(1, chosen))).clamp_(min=0)
+    offset = torch.minimum(offset, within[:, -1:] * (1 - 2**-40))
+    return (chosen * block + torch.searchsorted(within, offset, right=True))[:, 0]
+
+
+def _nucleus(logprobs: torch.Tensor, top_p: float, rows: torch.Tensor) -> torch.Tensor:
+    """``logprobs`` [rows, vocab] of the selected ``rows`` restricted to their smallest set of most likely
+    tokens whose probability reaches ``top_p`` (the most likely one always kept) and renormalized."""
+    ordered, order = logprobs.sort(-1, descending=True)
+    probs = ordered.exp()
+    outside = (probs.cumsum(-1) - probs) >= top_p
+    outside = torch.zeros_like(outside).scatter_(-1, order, outside) & rows[:, None]
+    return torch.where(rows[:, None], logprobs.masked_fill(outside, float("-inf")).log_softmax(-1), logprobs)
+
+
 class HFGenerateEngine:
-    """Batched ``model.generate`` sampling (left-padded prompts), with ``top_p`` and ``max_new_tokens``,
-    under bfloat16 autocast where ``rollout.autocast`` says so (:func:`generation_autocast`): the
-    logprobs are then those of the distribution actually sampled from."""
+    """Batched ``model.generate`` (left-padded prompts, ``rollout.batch_size`` per call; prompts at
+    different temperatures share a call) with ``top_p`` and ``max_new_tokens``, choosing tokens with
+    :class:`TokenSampler`, under bfloat16 autocast where ``rollout.autocast`` says so
+    (:func:`generation_autocast`): the logprobs are then those of the distribution actually sampled from."""
 
     def __init__(self, lm: CausalLM, config: Config):
         self.lm, self.config = lm, config.rollout
         self.autocast = generation_autocast(lm.model, config.rollout.autocast)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+    def generate(self, prompts: list[list[int]], temperature: float | Sequence[float], num_samples: int = 1,
                  progress: Progress | None = None) -> list[Completion]:
         tokenizer, model = self.lm.tokenizer, self.lm.model
-        requests = [p for p in prompts for _ in range(num_samples)]
+        requests = [(p, t) for p, t in zip(prompts, temperatures(temperature, len(prompts)))
+                    for _ in range(num_samples)]
         completions = []
-        task = progress.add_task(f"generating (T={temperature:g})", total=len(requests), metrics="") \
+        label = f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
+        task = progress.add_task(f"generating ({label})", total=len(requests), metrics="") \
             if progress is not None else None
         was_training = model.training
         model.eval()
         for start in range(0, len(requests), self.config.batch_size):
-            batch = requests[start:start + self.config.batch_size]
+            batch = [prompt for prompt, _ in requests[start:start + self.config.batch_size]]
             width = max(len(p) for p in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, prompt in enumerate(batch):
                 input_ids[i, width - len(prompt):] = torch.tensor(prompt)
                 attention_mask[i, width - len(prompt):] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": self.config.top_p, "top_k": 0} \
-                if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            sampler = TokenSampler(torch.tensor([t for _, t in requests[start:start + len(batch)]],
+                                                device=model.device), self.config.top_p)
             precision = torch.autocast(model.device.type, dtype=self.autocast) if self.autocast is not None \
                 else contextlib.nullcontext()
             with precision:
-                out = model.generate(input_ids=input_ids.to(model.device),
-                                     attention_mask=attention_mask.to(model.device), **sampling,
-                                     max_new_tokens=self.config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                                     return_dict_in_generate=True)
-            new_tokens = out.sequences[:, width:]
-            # scores are the processed logits (after temperature and top-p) of each sampling step
-            logprobs = torch.stack([step.float().log_softmax(-1).gather(1, new_tokens[:, t, None]).squeeze(1)
-                                    for t, step in enumerate(out.scores)], 1)
-            for ids, lps in zip(new_tokens.tolist(), logprobs.tolist()):
+                sequences = model.generate(input_ids=input_ids.to(model.device),
+                                           attention_mask=attention_mask.to(model.device), do_sample=False,
+                                           temperature=None, top_p=None, top_k=None,
+                                           logits_processor=LogitsProcessorList([sampler]),
+                                           max_new_tokens=self.config.max_new_tokens,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            logprobs = torch.stack(sampler.logprobs, 1)
+            for ids, lps in zip(sequences[:, width:].tolist(), logprobs.tolist()):
                 length = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
                 completions.append(Completion(ids[:length], lps[:length],
                                               truncated=tokenizer.eos_token_id not in ids[:length]))
@@ -134,17 +205,20 @@ class VLLMEngine:
         self.llm.collective_rpc(reload, args=(weights,))
         self._synced = self._weights_version()
 
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+    def generate(self, prompts: list[list[int]], temperature: float | Sequence[float], num_samples: int = 1,
                  progress: Progress | None = None) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if self._weights_version() != self._synced:
             self.sync_weights()
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-        params = SamplingParams(n=num_samples, temperature=temperature, top_p=self.config.top_p,
-                                max_tokens=self.config.max_new_tokens, logprobs=0, seed=seed)
-        task = progress.add_task(f"generating (T={temperature:g}, vLLM)", total=None, metrics="") \
+        seed = int(torch.randint(0, 2**31 - 1 - len(prompts), (1,)))
+        # one seed per prompt: each request's samples are then drawn independently of the others'
+        params = [SamplingParams(n=num_samples, temperature=t, top_p=self.config.top_p,
+                                 max_tokens=self.config.max_new_tokens, logprobs=0, seed=seed + i)
+                  for i, t in enumerate(temperatures(temperature, len(prompts)))]
+        label = f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
+        task = progress.add_task(f"generating ({label}, vLLM)", total=None, metrics="") \
             if progress is not None else None
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         if task is not None:
@@ -167,11 +241,11 @@ class RolloutEngine(Protocol):
     """What the recipes and the evaluation ask of a rollout engine; an engine is made from
     ``(lm, config)`` (:func:`make_engine`)."""
 
-    def generate(self, prompts: list[list[int]], temperature: float, num_samples: int = 1,
+    def generate(self, prompts: list[list[int]], temperature: float | Sequence[float], num_samples: int = 1,
                  progress: Progress | None = None) -> list[Completion]:
-        """``num_samples`` completions of each tokenized prompt, grouped by prompt (prompt-major order).
-        ``temperature=0`` decodes greedily (logprobs then under the unscaled distribution). With a rich
-        ``progress``, a bar shows the generation."""
+        """``num_samples`` completions of each tokenized prompt, grouped by prompt (prompt-major order), at
+        ``temperature`` (one for all, or one per prompt). Temperature 0 decodes greedily (logprobs then
+        under the unscaled distribution). With a rich ``progress``, a bar shows the generation."""
 
 
 ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFGenerateEngine, "vllm": VLLMEngine}

@@ -1,5 +1,6 @@
-"""osft.rollout's hf engine: greedy decoding is the argmax path, bfloat16 generation records the
-logprobs it sampled from, and a missing vLLM is reported."""
+"""osft.rollout's hf engine: its sampler draws from the stated distribution (against float64 references),
+greedy decoding is the argmax path, prompts at mixed temperatures share a generation, bfloat16
+generation records the logprobs it sampled from, and a missing vLLM is reported."""
 import copy
 
 import pytest
@@ -89,3 +90,99 @@ def test_bfloat16_generation_records_the_logprobs_it_sampled_from(model_dir):
         torch.testing.assert_close(recorded, half.gather(1, targets[:, None])[:, 0].double(), rtol=0, atol=1e-3)
         gaps_to_float32.append((recorded - full.gather(1, targets[:, None])[:, 0]).abs().max())
     assert max(gaps_to_float32) > 2e-3  # bfloat16 products did run (the float32 logprobs are further off)
+
+
+def _reference_token(probs: torch.Tensor, draw: float) -> int:
+    """The inverse of the float64 cumulative distribution of one row at ``draw`` times its sum."""
+    through = probs.double().cumsum(0)
+    return int(torch.searchsorted(through, torch.tensor([draw * float(through[-1])], dtype=torch.float64),
+                                  right=True)[0])
+
+
+@pytest.mark.parametrize("vocab, block", [(37, 8), (64, 16), (5, 1024)])
+def test_inverse_cdf_picks_the_float64_reference_token(vocab, block):
+    """Against a float64 running sum over the whole row, on rows with zero-probability tokens (never
+    chosen), draws at both ends of [0, 1), and a vocabulary that is or is not a multiple of the block."""
+    from osft.rollout import inverse_cdf
+
+    generator = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(300, vocab, generator=generator) ** 4
+    probs[torch.rand(300, vocab, generator=generator) < 0.3] = 0.0
+    probs[:, 0] = torch.where(probs.sum(1) == 0, 1.0, probs[:, 0])
+    probs[:2, :2], probs[:2, 2], probs[1, -2:] = 0.0, 0.5, 0.0  # rows 0 and 1 start (and 1 ends) with zeros
+    draws = torch.rand(300, generator=generator, dtype=torch.float64)
+    draws[:3] = torch.tensor([0.0, 1 - 2**-53, 0.5])
+    tokens = inverse_cdf(probs, draws, block=block)
+    assert tokens.dtype == torch.int64 and (probs.gather(1, tokens[:, None]) > 0).all()
+    for row, draw, token in zip(probs, draws.tolist(), tokens.tolist()):
+        boundaries = row.double().cumsum(0) / row.double().sum()
+        if (boundaries - draw).abs().min() > 1e-9:  # not within rounding of an interval's edge
+            assert token == _reference_token(row, draw)
+    positive = [torch.nonzero(row)[:, 0] for row in probs[:2]]
+    assert tokens[0] == positive[0][0] and tokens[1] == positive[1][-1]
+
+
+def _float64_policy(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log softmax(logits / temperature) restricted to the top_p nucleus and renormalized, in float64."""
+    logprobs = (logits.double() / temperature).log_softmax(-1)
+    ordered, order = logprobs.sort(-1, descending=True)
+    outside = (ordered.exp().cumsum(-1) - ordered.exp()) >= top_p
+    return logprobs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf")).log_softmax(-1)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_token_sampler_draws_from_the_tempered_nucleus(top_p):
+    """Rows at temperatures 0, 0.5 and 1.3: greedy rows take the argmax with its unscaled logprob; the
+    others sample softmax(logits / t) within the top_p nucleus, each drawn token's recorded logprob is
+    the float64 one, and the counts over 40000 draws of one row follow it (5 standard deviations)."""
+    from osft.rollout import TokenSampler
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=generator) * 2
+    rows = 40000
+    temperatures = torch.tensor([0.0, 0.5, 1.3]).repeat_interleave(rows)
+    sampler = TokenSampler(temperatures, top_p)
+    torch.manual_seed(0)
+    scores = sampler(None, logits.repeat_interleave(rows, 0))
+    tokens = scores.argmax(-1)
+    assert (scores.gather(1, tokens[:, None]) == 0).all() and torch.isinf(scores).sum() == scores.numel() - 3 * rows
+    recorded = sampler.logprobs[0].double()
+    greedy = _float64_policy(logits[0], 1.0, 1.0)
+    assert (tokens[:rows] == logits[0].argmax()).all()
+    torch.testing.assert_close(recorded[:rows], greedy[logits[0].argmax()].expand(rows), rtol=0, atol=1e-6)
+    for i, temperature in ((1, 0.5), (2, 1.3)):
+        policy = _float64_policy(logits[i], temperature, top_p)
+        drawn, logprobs = tokens[i * rows:(i + 1) * rows], recorded[i * rows:(i + 1) * rows]
+        assert torch.isfinite(policy[drawn]).all()  # never outside the nucleus
+        torch.testing.assert_close(logprobs, policy[drawn], rtol=0, atol=1e-5)
+        expected = policy.exp() * rows
+        counts = torch.bincount(drawn, minlength=50).double()
+        assert ((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt() + 1).all()
+
+
+def test_mixed_temperatures_share_a_generation(model_dir):
+    """Greedy prompts beside sampled ones in one batch decode exactly as greedy prompts alone, and each
+    sampled token's recorded logprob is that of a teacher-forced float64 rescoring at its temperature
+    within rollout.top_p."""
+    from osft.config import Config, ModelConfig, RolloutConfig
+    from osft.rollout import HFGenerateEngine
+
+    lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
+    prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6], [7, 8, 9]]
+    engine = HFGenerateEngine(lm, Config(rollout=RolloutConfig(max_new_tokens=6, batch_size=8, top_p=0.9,
+                                                               autocast="off")))
+    with pytest.raises(ValueError, match=r"temperature: expected a number or one per prompt \(3\), got 2"):
+        engine.generate(prompts, temperature=[1.0, 0.0])
+    torch.manual_seed(0)
+    mixed = engine.generate(prompts, temperature=[0.0, 0.7, 1.0], num_samples=2)
+    alone = engine.generate(prompts[:1], temperature=0.0)
+    assert mixed[0].token_ids == mixed[1].token_ids == alone[0].token_ids
+    for index, (prompt, temperature) in enumerate([(prompts[1], 0.7), (prompts[1], 0.7), (prompts[2], 1.0)]):
+        completion = mixed[2 + index]
+        ids = torch.tensor([list(prompt) + completion.token_ids])
+        with torch.no_grad():
+            logits = lm.model(ids).logits[0, len(prompt) - 1:-1]
+        policy = _float64_policy(logits, temperature, 0.9)
+        expected = policy.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(completion.logprobs, dtype=torch.float64), expected, rtol=0,
+                                   atol=1e-4)
