@@ -200,6 +200,7 @@ def test_demo_command_on_the_packaged_model(tmp_path):
     assert "quantization_config" not in config
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.skipif(not _smollm2_installed(), reason="the packaged model is not installed: "
                     + packaged.PACKAGED_MODELS["smollm2-135m"].install + " (make test installs it)")
@@ -220,7 +221,6 @@ def test_pear_demo_command_on_the_packaged_model(tmp_path):
     assert "| PEAR, sequence level, then GRPO (1 steps, lr 2e-05) |" in result.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flag,value,message", [
     ("--train-prompts", "0", "--train-prompts must be >= 1"), ("--num-generations", "1", "--num-generations must be >= 2"),
     ("--tau-s", "1.5", r"--tau-s must be in \(0, 1\]"), ("--lr", "0", "--lr must be a finite number > 0"),
@@ -231,11 +231,12 @@ def test_pear_demo_command_on_the_packaged_model(tmp_path):
     ("--behavior-keep", "all", "--behavior-keep must be correct or complete"),
     ("--ablation", "--pear", "--ablation belongs to the OSFT comparison"),
     ("--seed-offset", "-1", "--seed-offset must be >= 0"), ("--merge", "/nonexistent", "results.json")])
-def test_demo_refuses_bad_flags(flag, value, message):
-    result = subprocess.run([sys.executable, "-m", "osft", "demo", flag, value], capture_output=True, text=True,
-                            check=False, timeout=120)
-    assert result.returncode == 2
-    assert re.search(message, result.stderr), result.stderr
+def test_demo_refuses_bad_flags(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        demo_main([flag, value])
+    assert exit.value.code == 2
+    stderr = capsys.readouterr().err
+    assert re.search(message, stderr), stderr
 
 
 def test_resolver_passes_other_values_through(tmp_path):

@@ -55,6 +55,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, model_dir, data_f
         torch.testing.assert_close(sharded[name], single[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.heavy
 def test_a_killed_two_process_run_resumes_exactly(tmp_path, model_dir, data_file):
     """OSFT (each rank samples its own prompts, so every rank's RNG state is restored): kill -9 the launch
     after its second checkpoint and resume it on 2 processes; bitwise the weights of an uninterrupted run.
