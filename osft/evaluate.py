@@ -63,16 +63,17 @@ def evaluate(lm: CausalLM, config: Config, rows: list[dict], engine: RolloutEngi
     mine = ranks.share(rows)
     prompts = tokenize_prompts(mine, data, tokenizer)
     # the n samples of each prompt, then (with eval.greedy) its greedy completion, in one generation
-    requests = [p for p in prompts for _ in range(n)] + (prompts if settings.greedy else [])
-    completions = engine.generate(requests, progress=progress, temperature=[settings.temperature] * (len(mine) * n)
-                                  + [0.0] * (len(requests) - len(mine) * n))
-    sampled = completions[:len(mine) * n]
+    greedy_prompts = prompts if settings.greedy else []
+    samples = len(prompts) * n
+    completions = engine.generate([p for p in prompts for _ in range(n)] + greedy_prompts, progress=progress,
+                                  temperature=[settings.temperature] * samples + [0.0] * len(greedy_prompts))
+    sampled, greedy = completions[:samples], completions[samples:]
     rewards = ranks.concatenated(_judge(lm, config, mine, sampled, n))
     lengths = ranks.concatenated([len(c.token_ids) for c in sampled])
     per_prompt = {"correct": [sum(r == 1.0 for r in per_row) for per_row in rewards]}
     if settings.greedy:
-        greedy = ranks.concatenated(_judge(lm, config, mine, completions[len(mine) * n:], 1))
-        per_prompt["greedy"] = [int(per_row[0] == 1.0) for per_row in greedy]
+        per_prompt["greedy"] = [int(per_row[0] == 1.0)
+                                for per_row in ranks.concatenated(_judge(lm, config, mine, greedy, 1))]
     metrics = {}
     for name, scores in prompt_scores(per_prompt, n).items():
         estimate = score_interval(scores, 1 if name == "eval/greedy_pass@1" else n)

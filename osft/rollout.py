@@ -56,6 +56,11 @@ def temperatures(temperature: float | Sequence[float], prompts: int) -> list[flo
     return [float(t) for t in temperature]
 
 
+def _temperature_label(temperature: float | Sequence[float]) -> str:
+    """How a progress bar names the temperature of a generation."""
+    return f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
+
+
 class TokenSampler(LogitsProcessor):
     """Chooses each row's next token for ``model.generate`` run in greedy mode, and records its logprob.
 
@@ -71,15 +76,16 @@ class TokenSampler(LogitsProcessor):
     def __init__(self, temperatures: torch.Tensor, top_p: float):
         self.sampled = temperatures > 0
         self.scale = torch.where(self.sampled, temperatures, 1.0)[:, None]
+        self.any_sampled, self.all_sampled = bool(self.sampled.any()), bool(self.sampled.all())
         self.top_p = top_p
         self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logprobs = (scores.float() / self.scale).log_softmax(-1)
-        if self.top_p < 1 and self.sampled.any():
+        if self.top_p < 1 and self.any_sampled:
             logprobs = _nucleus(logprobs, self.top_p, self.sampled)
-        tokens = logprobs.argmax(-1) if not self.sampled.all() else None
-        if self.sampled.any():
+        tokens = logprobs.argmax(-1) if not self.all_sampled else None
+        if self.any_sampled:
             drawn = inverse_cdf(logprobs.exp(), torch.rand(len(logprobs), dtype=torch.float64, device=scores.device))
             tokens = drawn if tokens is None else torch.where(self.sampled, drawn, tokens)
         self.logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0])
@@ -132,21 +138,20 @@ class HFGenerateEngine:
         requests = [(p, t) for p, t in zip(prompts, temperatures(temperature, len(prompts)))
                     for _ in range(num_samples)]
         completions = []
-        label = f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
-        task = progress.add_task(f"generating ({label})", total=len(requests), metrics="") \
+        task = progress.add_task(f"generating ({_temperature_label(temperature)})", total=len(requests), metrics="") \
             if progress is not None else None
         was_training = model.training
         model.eval()
         for start in range(0, len(requests), self.config.batch_size):
-            batch = [prompt for prompt, _ in requests[start:start + self.config.batch_size]]
+            chunk = requests[start:start + self.config.batch_size]
+            batch = [prompt for prompt, _ in chunk]
             width = max(len(p) for p in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, prompt in enumerate(batch):
                 input_ids[i, width - len(prompt):] = torch.tensor(prompt)
                 attention_mask[i, width - len(prompt):] = 1
-            sampler = TokenSampler(torch.tensor([t for _, t in requests[start:start + len(batch)]],
-                                                device=model.device), self.config.top_p)
+            sampler = TokenSampler(torch.tensor([t for _, t in chunk], device=model.device), self.config.top_p)
             precision = torch.autocast(model.device.type, dtype=self.autocast) if self.autocast is not None \
                 else contextlib.nullcontext()
             with precision:
@@ -217,8 +222,7 @@ class VLLMEngine:
         params = [SamplingParams(n=num_samples, temperature=t, top_p=self.config.top_p,
                                  max_tokens=self.config.max_new_tokens, logprobs=0, seed=seed + i)
                   for i, t in enumerate(temperatures(temperature, len(prompts)))]
-        label = f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
-        task = progress.add_task(f"generating ({label}, vLLM)", total=None, metrics="") \
+        task = progress.add_task(f"generating ({_temperature_label(temperature)}, vLLM)", total=None, metrics="") \
             if progress is not None else None
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         if task is not None:
