@@ -69,7 +69,7 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"  # vllm: colocated, in-process, weights synced after each update
     max_new_tokens: PositiveInt = 256
     top_p: Fraction = 1.0
-    batch_size: PositiveInt = 16         # prompts per generate() call (hf engine)
+    batch_size: PositiveInt = 16         # completions decoded together (hf engine)
     autocast: Literal["auto", "bfloat16", "off"] = "auto"  # hf engine: generate under bfloat16 autocast;
     # auto: when the weights are float32 and the device multiplies bfloat16 natively (osft.model.native_bfloat16)
     mask_truncated_completions: bool = False  # osft, grpo: completions cut at max_new_tokens get no loss

@@ -7,6 +7,7 @@ hit ``max_new_tokens`` before EOS. Both engines take the same arguments (:class:
 evaluation.
 """
 import contextlib
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Protocol
 
 import torch
 from rich.progress import Progress
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache
 
 from .config import Config
 from .distributed import whole
@@ -61,35 +62,37 @@ def _temperature_label(temperature: float | Sequence[float]) -> str:
     return f"T={temperature:g}" if isinstance(temperature, (int, float)) else "mixed T"
 
 
-class TokenSampler(LogitsProcessor):
-    """Chooses each row's next token for ``model.generate`` run in greedy mode, and records its logprob.
+class TokenSampler:
+    """Chooses each row's next token from its logits, and gives its logprob.
 
     A row with temperature ``t > 0`` samples from ``softmax(logits / t)`` (restricted to the nucleus of
     mass ``top_p``, renormalized) by inverting its cumulative distribution at one uniform draw; a row with
-    ``t = 0`` takes the argmax and records its logprob under ``softmax(logits)``. It hands ``generate`` a
-    score of 0 for the chosen token and -inf elsewhere, so the argmax that follows keeps it. Torch's
-    ``multinomial`` (``generate``'s own sampler) draws an exponential variate for every vocabulary entry,
-    a cost on the order of the lm_head's product on a CPU; this draws one number per row.
+    ``t = 0`` takes the argmax, its logprob under ``softmax(logits)``. Torch's ``multinomial`` draws an
+    exponential variate for every vocabulary entry, a cost on the order of the lm_head's product on a
+    CPU; this draws one number per row. Each call draws one number for every row of the whole batch, so
+    a row's draws do not depend on which other rows are still running.
 
-    temperatures: [rows] float; ``logprobs``: one [rows] float32 tensor per generated position."""
+    temperatures: [rows] float."""
 
     def __init__(self, temperatures: torch.Tensor, top_p: float):
         self.sampled = temperatures > 0
         self.scale = torch.where(self.sampled, temperatures, 1.0)[:, None]
-        self.any_sampled, self.all_sampled = bool(self.sampled.any()), bool(self.sampled.all())
         self.top_p = top_p
-        self.logprobs: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logprobs = (scores.float() / self.scale).log_softmax(-1)
-        if self.top_p < 1 and self.any_sampled:
-            logprobs = _nucleus(logprobs, self.top_p, self.sampled)
-        tokens = logprobs.argmax(-1) if not self.all_sampled else None
-        if self.any_sampled:
-            drawn = inverse_cdf(logprobs.exp(), torch.rand(len(logprobs), dtype=torch.float64, device=scores.device))
-            tokens = drawn if tokens is None else torch.where(self.sampled, drawn, tokens)
-        self.logprobs.append(logprobs.gather(1, tokens[:, None])[:, 0])
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits`` [len(rows), vocab] of the batch rows ``rows`` (int64 indices) -> their tokens [len(rows)]
+        int64 and the tokens' logprobs [len(rows)] float32."""
+        draws = torch.rand(len(self.sampled), dtype=torch.float64, device=logits.device)[rows]
+        sampled, scale = self.sampled[rows], self.scale[rows]
+        any_sampled, all_sampled = bool(sampled.any()), bool(sampled.all())
+        logprobs = (logits.float() / scale).log_softmax(-1)
+        if self.top_p < 1 and any_sampled:
+            logprobs = _nucleus(logprobs, self.top_p, sampled)
+        tokens = logprobs.argmax(-1) if not all_sampled else None
+        if any_sampled:
+            drawn = inverse_cdf(logprobs.exp(), draws)
+            tokens = drawn if tokens is None else torch.where(sampled, drawn, tokens)
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -121,11 +124,70 @@ def _nucleus(logprobs: torch.Tensor, top_p: float, rows: torch.Tensor) -> torch.
     return torch.where(rows[:, None], logprobs.masked_fill(outside, float("-inf")).log_softmax(-1), logprobs)
 
 
+@torch.no_grad()
+def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_of_row: torch.Tensor,
+           sampler: TokenSampler, max_new_tokens: int, eos_token_id: int, *,
+           synced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_new_tokens`` tokens after each of B rows, chosen by ``sampler``, through a KV cache.
+    Row ``i`` continues the left-padded prompt ``prompt_of_row[i]`` of ``input_ids`` [P, W]
+    (``attention_mask`` [P, W], 1 at prompt tokens): each prompt is run once and its cache copied to
+    its rows. A row that emits ``eos_token_id`` is finished; once an eighth of the rows in the batch
+    are, they leave it (their cache rows too: a copy of the rest), so the later steps run mostly rows
+    still generating. With ``synced`` (a model sharded over ranks, whose every forward is a collective)
+    no row leaves and the steps go on until every rank's rows are finished.
+
+    Returns the tokens [B, max_new_tokens] int64 and their logprobs [B, max_new_tokens] float32, each row
+    ending at its EOS (included): ``eos_token_id`` and 0 after it."""
+    batch, device = len(prompt_of_row), input_ids.device
+    tokens = torch.full((batch, max_new_tokens), eos_token_id, dtype=torch.long)
+    logprobs = torch.zeros(batch, max_new_tokens)
+    rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = DynamicCache(config=model.config)
+    # transformers renamed the forward's past_key_values to cache
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def last_logits(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, position_ids=positions, attention_mask=attention_mask, use_cache=True,
+                     logits_to_keep=1, **{cache_argument: cache}).logits[:, -1]
+
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    logits = last_logits(input_ids, positions)[prompt_of_row]
+    cache.batch_select_indices(prompt_of_row)
+    attention_mask, position = attention_mask[prompt_of_row], positions[prompt_of_row, -1:]
+    for step in range(max_new_tokens):
+        chosen, chosen_logprobs = sampler(logits, rows)
+        running = ~finished
+        tokens[rows[running].cpu(), step] = chosen[running].cpu()
+        logprobs[rows[running].cpu(), step] = chosen_logprobs[running].float().cpu()
+        finished |= chosen == eos_token_id
+        if step + 1 == max_new_tokens or not _any_running(~finished, synced):
+            break
+        if not synced and 8 * int(finished.sum()) >= len(rows):
+            keep = (~finished).nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            rows, chosen, finished = rows[keep], chosen[keep], finished[keep]
+            attention_mask, position = attention_mask[keep], position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+        position = position + 1
+        logits = last_logits(chosen[:, None], position)
+    return tokens, logprobs
+
+
+def _any_running(running: torch.Tensor, synced: bool) -> bool:
+    """Whether any row is still generating: on this rank, or with ``synced`` on any rank."""
+    count = running.sum()
+    if synced:
+        torch.distributed.all_reduce(count)
+    return bool(count)
+
+
 class HFGenerateEngine:
-    """Batched ``model.generate`` (left-padded prompts, ``rollout.batch_size`` per call; prompts at
-    different temperatures share a call) with ``top_p`` and ``max_new_tokens``, choosing tokens with
-    :class:`TokenSampler`, under bfloat16 autocast where ``rollout.autocast`` says so
-    (:func:`generation_autocast`): the logprobs are then those of the distribution actually sampled from."""
+    """Batched KV-cached decoding of the transformers model (:func:`decode`: ``rollout.batch_size`` rows
+    per call, each distinct prompt run once, finished rows leaving the batch; prompts at different
+    temperatures share a call) with ``top_p`` and ``max_new_tokens``, choosing tokens with :class:`TokenSampler`,
+    under bfloat16 autocast where ``rollout.autocast`` says so (:func:`generation_autocast`): the
+    logprobs are then those of the distribution actually sampled from."""
 
     def __init__(self, lm: CausalLM, config: Config):
         self.lm, self.config = lm, config.rollout
@@ -142,32 +204,30 @@ class HFGenerateEngine:
             if progress is not None else None
         was_training = model.training
         model.eval()
+        synced = self.lm.sharded and torch.distributed.get_world_size() > 1
+        eos = tokenizer.eos_token_id
         for start in range(0, len(requests), self.config.batch_size):
             chunk = requests[start:start + self.config.batch_size]
-            batch = [prompt for prompt, _ in chunk]
-            width = max(len(p) for p in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, prompt in enumerate(batch):
+            prompt_index = {}  # each distinct prompt of the chunk once
+            prompt_of_row = torch.tensor([prompt_index.setdefault(tuple(p), len(prompt_index)) for p, _ in chunk])
+            width = max(map(len, prompt_index))
+            input_ids = torch.full((len(prompt_index), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(prompt_index), width), dtype=torch.long)
+            for i, prompt in enumerate(prompt_index):
                 input_ids[i, width - len(prompt):] = torch.tensor(prompt)
                 attention_mask[i, width - len(prompt):] = 1
             sampler = TokenSampler(torch.tensor([t for _, t in chunk], device=model.device), self.config.top_p)
             precision = torch.autocast(model.device.type, dtype=self.autocast) if self.autocast is not None \
                 else contextlib.nullcontext()
             with precision:
-                sequences = model.generate(input_ids=input_ids.to(model.device),
-                                           attention_mask=attention_mask.to(model.device), do_sample=False,
-                                           temperature=None, top_p=None, top_k=None,
-                                           logits_processor=LogitsProcessorList([sampler]),
-                                           max_new_tokens=self.config.max_new_tokens,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            logprobs = torch.stack(sampler.logprobs, 1)
-            for ids, lps in zip(sequences[:, width:].tolist(), logprobs.tolist()):
-                length = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
-                completions.append(Completion(ids[:length], lps[:length],
-                                              truncated=tokenizer.eos_token_id not in ids[:length]))
+                tokens, logprobs = decode(model, input_ids.to(model.device), attention_mask.to(model.device),
+                                          prompt_of_row.to(model.device), sampler, self.config.max_new_tokens, eos,
+                                          synced=synced)
+            for ids, lps in zip(tokens.tolist(), logprobs.tolist()):
+                length = ids.index(eos) + 1 if eos in ids else len(ids)
+                completions.append(Completion(ids[:length], lps[:length], truncated=eos not in ids))
             if task is not None:
-                progress.advance(task, len(batch))
+                progress.advance(task, len(chunk))
         if task is not None:
             progress.remove_task(task)
         model.train(was_training)

@@ -143,10 +143,9 @@ def test_token_sampler_draws_from_the_tempered_nucleus(top_p):
     temperatures = torch.tensor([0.0, 0.5, 1.3]).repeat_interleave(rows)
     sampler = TokenSampler(temperatures, top_p)
     torch.manual_seed(0)
-    scores = sampler(None, logits.repeat_interleave(rows, 0))
-    tokens = scores.argmax(-1)
-    assert (scores.gather(1, tokens[:, None]) == 0).all() and torch.isinf(scores).sum() == scores.numel() - 3 * rows
-    recorded = sampler.logprobs[0].double()
+    tokens, recorded = sampler(logits.repeat_interleave(rows, 0), torch.arange(3 * rows))
+    assert tokens.dtype == torch.int64 and recorded.dtype == torch.float32
+    recorded = recorded.double()
     greedy = _float64_policy(logits[0], 1.0, 1.0)
     assert (tokens[:rows] == logits[0].argmax()).all()
     torch.testing.assert_close(recorded[:rows], greedy[logits[0].argmax()].expand(rows), rtol=0, atol=1e-6)
@@ -186,3 +185,53 @@ def test_mixed_temperatures_share_a_generation(model_dir):
         expected = policy.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(completion.logprobs, dtype=torch.float64), expected, rtol=0,
                                    atol=1e-4)
+
+
+def test_decoding_runs_each_prompt_once_and_drops_finished_rows(model_dir):
+    """decode runs each distinct prompt once for all its rows, and drops rows (and their cache rows) once
+    they emit EOS. With an EOS token that some rows emit early, each row stops at its first EOS, and up
+    to there every row generates exactly the tokens and logprobs it generates when no row ever stops
+    (its draws and its cache are its own), and the same as with a prompt per row. Left-padded prompts of
+    different lengths, greedy and sampled rows, two rows per prompt."""
+    from osft.config import ModelConfig
+    from osft.rollout import TokenSampler, decode
+
+    lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
+    prompts = [lm.tokenizer("<user> what is 3 plus 4 ? <assistant>")["input_ids"], [5, 6], [7, 8, 9], [9, 10, 11, 5]]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[1] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    prompt_of_row = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    temperatures = torch.tensor([0.0, 1.0, 1.0, 0.7, 1.0, 0.0, 0.7, 1.0])
+
+    def run(eos: int, once: bool = True, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        if once:
+            return decode(lm.model, input_ids, attention_mask, prompt_of_row, TokenSampler(temperatures, 1.0), steps,
+                          eos)
+        return decode(lm.model, input_ids[prompt_of_row], attention_mask[prompt_of_row], torch.arange(8),
+                      TokenSampler(temperatures, 1.0), steps, eos)
+
+    tokens, logprobs = run(eos=-1)  # no row ever stops
+    assert (logprobs < 0).all()
+    each, each_logprobs = run(eos=-1, once=False)
+    assert each.tolist() == tokens.tolist()
+    torch.testing.assert_close(each_logprobs, logprobs, rtol=0, atol=1e-5)
+    # an EOS that ends the first greedy row early while at least one other row never emits it
+    eos = next(int(t) for t in tokens[0, :4] if (tokens[1:] != t).all(1).any())
+    stopped, stopped_logprobs = run(eos)
+    ends = [int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else row.numel() for row in tokens]
+    assert ends[0] <= 4 and max(ends) == tokens.shape[1]
+    for row, end in enumerate(ends):
+        assert stopped[row, :end].tolist() == tokens[row, :end].tolist()
+        assert (stopped[row, end:] == eos).all() and (stopped_logprobs[row, end:] == 0).all()
+        torch.testing.assert_close(stopped_logprobs[row, :end], logprobs[row, :end], rtol=0, atol=1e-5)
+        # against a teacher-forced pass over the row's own prompt and tokens, without a cache
+        prompt, temperature = prompts[prompt_of_row[row]], float(temperatures[row])
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([prompt + stopped[row, :end].tolist()])).logits[0, len(prompt) - 1:-1]
+        policy = _float64_policy(logits, temperature or 1.0, 1.0)
+        if temperature == 0:
+            assert stopped[row, :end].tolist() == logits.argmax(-1).tolist()
+        expected = policy.gather(1, stopped[row, :end, None])[:, 0]
+        torch.testing.assert_close(stopped_logprobs[row, :end].double(), expected, rtol=0, atol=1e-4)

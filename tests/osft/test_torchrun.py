@@ -139,6 +139,38 @@ def test_evaluation_split_over_two_ranks_merges_every_prompt(tmp_path, model_dir
     run_ranks(_evaluation_worker, 2, tmp_path, model_dir, data_file)
 
 
+def _synced_decoding_worker(rank: int, world_size: int, model_dir) -> None:
+    from osft.config import ModelConfig
+    from osft.distributed import shard_model
+    from osft.rollout import TokenSampler, decode
+
+    lm = load_causal_lm(ModelConfig(path=str(model_dir)), torch.device("cpu"))
+    input_ids, attention_mask = torch.tensor([[1, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    # rank 0: two greedy rows of one prompt; rank 1: two sampled rows of two prompts
+    prompt_of_row = torch.tensor([0, 0] if rank == 0 else [0, 1])
+    temperatures = torch.tensor([0.0, 0.0] if rank == 0 else [1.0, 0.8])
+
+    def run(eos: int, synced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(rank)
+        return decode(lm.model, input_ids, attention_mask, prompt_of_row, TokenSampler(temperatures, 1.0), 10, eos,
+                      synced=synced)
+
+    free, _ = run(-1, synced=False)
+    eos = int(free[0, 1]) if rank == 0 else -1  # rank 0's rows end by their second token, rank 1's never
+    alone = run(eos, synced=False)
+    assert rank == 1 or (alone[0] == eos).any(1).all()
+    shard_model(lm.model)
+    together = run(eos, synced=True)  # rank 0 keeps stepping while rank 1 generates
+    assert together[0].tolist() == alone[0].tolist()
+    torch.testing.assert_close(together[1], alone[1], rtol=0, atol=1e-6)
+
+
+def test_sharded_decoding_steps_until_every_rank_is_done(tmp_path, model_dir):
+    """Under FSDP2 every forward is a collective: a rank whose rows all ended keeps stepping (in sync) until
+    the other rank's rows end, and each rank decodes what it decodes alone, unsharded."""
+    run_ranks(_synced_decoding_worker, 2, tmp_path, model_dir, timeout=120.0)
+
+
 def test_osft_eval_on_two_processes_writes_once(tmp_path, model_dir, data_file):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "osft",
                "eval", "/dev/null", f"model.path={model_dir}", f"data.train={data_file}", f"run_dir={tmp_path}",
