@@ -16,10 +16,10 @@ $(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*/*)
 	touch $@
 
 # the main job: OSFT vs GRPO from SmolLM2-135M-Instruct on the built-in math task (9 min on 2 cores
-# with bfloat16 generation, about 15 in float32 with AVX2 kernels); e.g. make demo DEMO_ARGS="--eval-prompts 128 --seeds 3"
-# (54 min before the generation of 415bbd7), or DEMO_ARGS="--pear" for PEAR (27 min then; per seed at
-# --eval-prompts 128 about 50 min with bfloat16 generation on AVX512-BF16, 90 min in float32 on an
-# AVX2-only CPU)
+# with bfloat16 generation, 13-15 in float32 with AVX2 kernels); e.g. make demo
+# DEMO_ARGS="--eval-prompts 128 --seeds 3" (54 min before the generation of 415bbd7), or
+# DEMO_ARGS="--pear" for PEAR (27 min then; per seed at --eval-prompts 128 about 50 min with
+# bfloat16 generation on AVX512-BF16, 90 min in float32 on an AVX2-only CPU)
 DEMO_ARGS ?=
 demo: $(BIN)/.installed
 	$(BIN)/osft demo $(DEMO_ARGS)
