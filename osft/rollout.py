@@ -158,12 +158,14 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     for step in range(max_new_tokens):
         chosen, chosen_logprobs = sampler(logits, rows)
         running = ~finished
-        tokens[rows[running].cpu(), step] = chosen[running].cpu()
-        logprobs[rows[running].cpu(), step] = chosen_logprobs[running].float().cpu()
+        written = rows[running].cpu()
+        tokens[written, step] = chosen[running].cpu()
+        logprobs[written, step] = chosen_logprobs[running].cpu()
         finished |= chosen == eos_token_id
-        if step + 1 == max_new_tokens or not _any_running(~finished, synced):
+        done = int(finished.sum())
+        if step + 1 == max_new_tokens or not _any_running(len(rows) - done, synced, device):
             break
-        if not synced and 8 * int(finished.sum()) >= len(rows):
+        if not synced and 8 * done >= len(rows):
             keep = (~finished).nonzero()[:, 0]
             cache.batch_select_indices(keep)
             rows, chosen, finished = rows[keep], chosen[keep], finished[keep]
@@ -174,12 +176,14 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return tokens, logprobs
 
 
-def _any_running(running: torch.Tensor, synced: bool) -> bool:
-    """Whether any row is still generating: on this rank, or with ``synced`` on any rank."""
-    count = running.sum()
+def _any_running(running: int, synced: bool, device: torch.device) -> bool:
+    """Whether any row is still generating: this rank's ``running`` rows, or with ``synced`` any rank's
+    (summed over the ranks on ``device``, where the process group's backend works)."""
     if synced:
+        count = torch.tensor(running, device=device)
         torch.distributed.all_reduce(count)
-    return bool(count)
+        running = int(count)
+    return running > 0
 
 
 class HFGenerateEngine:
